@@ -1,0 +1,3 @@
+"""quota-sidecar: connect your users' Quota wallets to any web app."""
+
+__version__ = "0.1.0"

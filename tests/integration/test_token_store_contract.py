@@ -1,0 +1,446 @@
+"""The token store contract, run against every backend: memory, and Redis on a real server.
+
+Plus what only Redis can do wrong: be down, and come back. Those tests reach Redis through a
+small TCP proxy that the test stops and restarts, so a real server sits behind a real socket
+that really breaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import redis.asyncio as aioredis
+
+from sidecar.errors import StoreUnavailable
+from sidecar.tokens.crypto import Sealer
+from sidecar.tokens.factory import create_store
+from sidecar.tokens.memory import MemoryTokenStore
+from sidecar.tokens.model import TokenRecord
+from sidecar.tokens.redis_store import RedisTokenStore
+from sidecar.tokens.store import TokenStore
+
+MakeSealer = Callable[..., Sealer]
+
+
+def make_record(**overrides: object) -> TokenRecord:
+    fields: dict[str, object] = {
+        "access_token": "at-" + secrets.token_urlsafe(24),
+        "refresh_token": "rt-" + secrets.token_urlsafe(24),
+        "expires_at": 1_900_000_000.5,
+        "scope": "chat models:read",
+        "obtained_at": 1_899_999_000.25,
+    }
+    fields.update(overrides)
+    return TokenRecord(**fields)  # type: ignore[arg-type]
+
+
+def new_user_key() -> str:
+    return secrets.token_hex(32)  # the shape UserKeys.key_for produces
+
+
+@dataclass
+class Backend:
+    """A store under test plus raw access to what it keeps, for tests the API cannot express."""
+
+    store: TokenStore
+    copy_sealed: Callable[[str, str], Awaitable[None]]  # (from user_key, to user_key)
+    raw_bytes: Callable[[str], Awaitable[bytes]]  # everything stored for a user_key
+
+
+async def memory_backend(sealer: Sealer) -> Backend:
+    store = MemoryTokenStore(sealer)
+
+    async def copy_sealed(source: str, target: str) -> None:
+        entry = store.sealed_entry(source)
+        assert entry is not None
+        store.plant_sealed_entry(target, entry)
+
+    async def raw_bytes(user_key: str) -> bytes:
+        entry = store.sealed_entry(user_key)
+        assert entry is not None
+        return str(entry.version).encode() + entry.blob
+
+    return Backend(store, copy_sealed, raw_bytes)
+
+
+async def redis_backend(
+    sealer: Sealer, redis_url: str, prefix: str, client: aioredis.Redis
+) -> Backend:
+    store = create_store(redis_url, sealer, prefix=prefix)
+    assert isinstance(store, RedisTokenStore)
+
+    async def copy_sealed(source: str, target: str) -> None:
+        fields = await client.hgetall(store.tokens_key(source))
+        assert fields
+        await client.hset(
+            store.tokens_key(target), items=[x for pair in fields.items() for x in pair]
+        )
+
+    async def raw_bytes(user_key: str) -> bytes:
+        fields = await client.hgetall(store.tokens_key(user_key))
+        assert set(fields) == {b"v", b"b"}
+        return b"".join(v if isinstance(v, bytes) else v.encode() for v in fields.values())
+
+    return Backend(store, copy_sealed, raw_bytes)
+
+
+@dataclass
+class RedisFixtures:
+    url: str
+    prefix: str
+    client: aioredis.Redis
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend_kind(request: pytest.FixtureRequest) -> RedisFixtures | None:
+    """``None`` for memory; the Redis fixtures for Redis (asked for only when needed).
+
+    A plain function: async fixtures cannot be requested lazily from inside an async fixture.
+    """
+    if request.param == "memory":
+        return None
+    return RedisFixtures(
+        request.getfixturevalue("redis_url"),
+        request.getfixturevalue("redis_prefix"),
+        request.getfixturevalue("redis_client"),
+    )
+
+
+@pytest.fixture
+async def backend(
+    backend_kind: RedisFixtures | None, make_sealer: MakeSealer
+) -> AsyncIterator[Backend]:
+    if backend_kind is None:
+        built = await memory_backend(make_sealer())
+    else:
+        built = await redis_backend(
+            make_sealer(), backend_kind.url, backend_kind.prefix, backend_kind.client
+        )
+    try:
+        yield built
+    finally:
+        await built.store.close()
+
+
+# --- the contract -------------------------------------------------------------------------------
+
+
+async def test_get_returns_none_for_a_user_with_no_record(backend: Backend) -> None:
+    assert await backend.store.get(new_user_key()) is None
+
+
+async def test_put_then_get_returns_every_field_with_a_non_zero_version(backend: Backend) -> None:
+    user, record = new_user_key(), make_record()
+    written = await backend.store.put(user, record)
+    assert written.version != 0
+    assert written == record.with_version(written.version)
+    assert await backend.store.get(user) == written
+
+
+async def test_every_write_gives_the_record_a_new_version(backend: Backend) -> None:
+    store, user = backend.store, new_user_key()
+    first = await store.put(user, make_record())
+    second = await store.put(user, make_record())
+    third = await store.compare_and_set(user, second.version, make_record())
+    assert third is not None
+    assert len({first.version, second.version, third.version}) == 3
+
+
+async def test_compare_and_set_with_the_current_version_writes_the_new_record(
+    backend: Backend,
+) -> None:
+    store, user = backend.store, new_user_key()
+    old = await store.put(user, make_record())
+    replacement = make_record(expires_at=2_000_000_000.0)
+    written = await store.compare_and_set(user, old.version, replacement)
+    assert written is not None
+    assert written == replacement.with_version(written.version)
+    assert written.version != old.version
+    assert await store.get(user) == written
+
+
+async def test_compare_and_set_with_a_stale_version_writes_nothing(backend: Backend) -> None:
+    store, user = backend.store, new_user_key()
+    old = await store.put(user, make_record())
+    current = await store.put(user, make_record())
+    assert await store.compare_and_set(user, old.version, make_record()) is None
+    assert await store.compare_and_set(user, 0, make_record()) is None
+    assert await store.get(user) == current
+
+
+async def test_compare_and_set_after_a_delete_does_not_bring_the_record_back(
+    backend: Backend,
+) -> None:
+    store, user = backend.store, new_user_key()
+    old = await store.put(user, make_record())
+    assert await store.delete(user) is True
+    assert await store.compare_and_set(user, old.version, make_record()) is None
+    assert await store.get(user) is None
+
+
+async def test_put_after_a_delete_gets_a_version_never_seen_before(backend: Backend) -> None:
+    store, user = backend.store, new_user_key()
+    seen = {(await store.put(user, make_record())).version for _ in range(5)}
+    assert await store.delete(user) is True
+    again = await store.put(user, make_record())
+    assert again.version not in seen
+    assert again.version != 0
+
+
+async def test_compare_and_delete_with_the_current_version_deletes(backend: Backend) -> None:
+    store, user = backend.store, new_user_key()
+    current = await store.put(user, make_record())
+    assert await store.compare_and_delete(user, current.version) is True
+    assert await store.get(user) is None
+    assert await store.compare_and_delete(user, current.version) is False
+
+
+async def test_compare_and_delete_with_a_stale_version_keeps_the_record(backend: Backend) -> None:
+    store, user = backend.store, new_user_key()
+    old = await store.put(user, make_record())
+    current = await store.put(user, make_record())
+    assert await store.compare_and_delete(user, old.version) is False
+    assert await store.get(user) == current
+
+
+async def test_delete_says_whether_there_was_a_record(backend: Backend) -> None:
+    store, user = backend.store, new_user_key()
+    await store.put(user, make_record())
+    assert await store.delete(user) is True
+    assert await store.delete(user) is False
+    assert await store.delete(new_user_key()) is False
+
+
+async def test_records_of_different_users_are_independent(backend: Backend) -> None:
+    store, alice, bob = backend.store, new_user_key(), new_user_key()
+    alices = await store.put(alice, make_record())
+    bobs = await store.put(bob, make_record())
+    assert await store.delete(alice) is True
+    assert await store.get(bob) == bobs
+    assert await store.compare_and_set(bob, alices.version, make_record()) is None
+
+
+async def test_a_record_copied_to_another_user_does_not_open(
+    backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    store, victim, attacker = backend.store, new_user_key(), new_user_key()
+    record = make_record()
+    await store.put(victim, record)
+    await backend.copy_sealed(victim, attacker)
+
+    with caplog.at_level(logging.WARNING):
+        assert await store.get(attacker) is None
+
+    warnings = [entry for entry in caplog.records if entry.levelno == logging.WARNING]
+    assert warnings, "an unopenable record is logged"
+    for entry in warnings:
+        assert record.access_token not in entry.getMessage()
+        assert record.refresh_token not in entry.getMessage()
+    assert (await store.get(victim)) is not None
+
+
+async def test_the_stored_value_contains_no_token_text(backend: Backend) -> None:
+    user, record = new_user_key(), make_record()
+    await backend.store.put(user, record)
+    raw = await backend.raw_bytes(user)
+    for text in (record.access_token, record.refresh_token, record.scope):
+        assert text.encode() not in raw
+
+
+async def test_only_one_of_twenty_concurrent_compare_and_sets_wins(backend: Backend) -> None:
+    store, user = backend.store, new_user_key()
+    base = await store.put(user, make_record())
+    candidates = [make_record(access_token=f"at-candidate-{n}") for n in range(20)]
+
+    results = await asyncio.gather(
+        *(store.compare_and_set(user, base.version, record) for record in candidates)
+    )
+
+    winners = [result for result in results if result is not None]
+    assert len(winners) == 1
+    assert await store.get(user) == winners[0]
+
+
+async def test_ping_answers_when_the_store_is_up(backend: Backend) -> None:
+    await backend.store.ping()
+
+
+# --- Redis down, and back ----------------------------------------------------------------------
+
+OPERATIONS: dict[str, Callable[[TokenStore, str], Awaitable[object]]] = {
+    "get": lambda store, user: store.get(user),
+    "put": lambda store, user: store.put(user, make_record()),
+    "compare_and_set": lambda store, user: store.compare_and_set(user, 1, make_record()),
+    "delete": lambda store, user: store.delete(user),
+    "compare_and_delete": lambda store, user: store.compare_and_delete(user, 1),
+    "ping": lambda store, user: store.ping(),
+}
+
+
+def closed_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port  # closed again: nothing listens there
+
+
+@pytest.mark.parametrize("operation", OPERATIONS.values(), ids=OPERATIONS.keys())
+async def test_redis_store_raises_store_unavailable_quickly_when_redis_is_down(
+    make_sealer: MakeSealer, operation: Callable[[TokenStore, str], Awaitable[object]]
+) -> None:
+    store = create_store(f"redis://127.0.0.1:{closed_loopback_port()}/0", make_sealer())
+    try:
+        async with asyncio.timeout(10):
+            with pytest.raises(StoreUnavailable) as caught:
+                await operation(store, new_user_key())
+        assert caught.value.detail is not None
+        assert "ConnectionError" in caught.value.detail
+    finally:
+        await store.close()
+
+
+async def test_redis_store_sets_no_expiry_by_default(
+    redis_url: str, redis_prefix: str, redis_client: aioredis.Redis, make_sealer: MakeSealer
+) -> None:
+    store = create_store(redis_url, make_sealer(), prefix=redis_prefix)
+    assert isinstance(store, RedisTokenStore)
+    try:
+        user = new_user_key()
+        await store.put(user, make_record())
+        assert await redis_client.pttl(store.tokens_key(user)) == -1
+    finally:
+        await store.close()
+
+
+async def test_redis_store_with_a_record_ttl_sets_it_on_every_write(
+    redis_url: str, redis_prefix: str, redis_client: aioredis.Redis, make_sealer: MakeSealer
+) -> None:
+    client = aioredis.Redis.from_url(redis_url, decode_responses=False)
+    store = RedisTokenStore(client, make_sealer(), prefix=redis_prefix, record_ttl_s=60)
+    user = new_user_key()
+    key = store.tokens_key(user)
+    try:
+        written = await store.put(user, make_record())
+        assert 0 < await redis_client.pttl(key) <= 60_000
+        await redis_client.persist(key)
+        assert await store.compare_and_set(user, written.version, make_record()) is not None
+        assert 0 < await redis_client.pttl(key) <= 60_000
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize(
+    "spec", ["", "redis", "memcached://127.0.0.1:11211", "http://user:hunter2@example.com"]
+)
+def test_create_store_rejects_a_spec_in_no_accepted_form_without_echoing_it(
+    make_sealer: MakeSealer, spec: str
+) -> None:
+    with pytest.raises(ValueError, match="memory") as caught:
+        create_store(spec, make_sealer())
+    assert "hunter2" not in str(caught.value)
+
+
+class TcpProxy:
+    """Forwards a loopback port to Redis; ``stop`` cuts every connection, ``start`` reopens."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self._target = (target_host, target_port)
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._connect, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for pipe in self._pipes:
+            pipe.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+        self._pipes.clear()
+
+    async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
+        except OSError:
+            writer.close()
+            return
+        for source, sink in ((reader, upstream_writer), (upstream_reader, writer)):
+            self._pipes.add(asyncio.create_task(self._pipe(source, sink)))
+
+    @staticmethod
+    async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        except OSError:
+            pass
+        finally:
+            sink.close()
+
+
+@pytest.fixture
+async def proxy(redis_url: str) -> AsyncIterator[TcpProxy]:
+    parts = urlsplit(redis_url)
+    if parts.scheme != "redis" or parts.hostname is None:
+        pytest.skip("the proxy forwards plain TCP; REDIS_URL is not a redis:// URL")
+    running = TcpProxy(parts.hostname, parts.port or 6379)
+    await running.start()
+    yield running
+    await running.stop()
+
+
+def through(proxy: TcpProxy, redis_url: str) -> str:
+    parts = urlsplit(redis_url)
+    credentials = parts.netloc.rpartition("@")[0]
+    netloc = f"{credentials}@127.0.0.1:{proxy.port}" if credentials else f"127.0.0.1:{proxy.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+async def test_redis_store_keeps_records_and_recovers_by_itself_when_redis_comes_back(
+    proxy: TcpProxy, redis_url: str, redis_prefix: str, make_sealer: MakeSealer
+) -> None:
+    store = create_store(through(proxy, redis_url), make_sealer(), prefix=redis_prefix)
+    user = new_user_key()
+    try:
+        written = await store.put(user, make_record())
+
+        await proxy.stop()
+        async with asyncio.timeout(10):
+            for operation in OPERATIONS.values():
+                with pytest.raises(StoreUnavailable):
+                    await operation(store, user)
+            with pytest.raises(StoreUnavailable):
+                await store.compare_and_delete(user, written.version)
+
+        await proxy.start()
+        assert await store.get(user) == written, "nothing was changed while Redis was away"
+        assert await store.compare_and_set(user, written.version, make_record()) is not None
+    finally:
+        await store.close()
+
+
+async def test_redis_store_replaces_a_dropped_connection_without_an_error(
+    proxy: TcpProxy, redis_url: str, redis_prefix: str, make_sealer: MakeSealer
+) -> None:
+    store = create_store(through(proxy, redis_url), make_sealer(), prefix=redis_prefix)
+    user = new_user_key()
+    try:
+        written = await store.put(user, make_record())
+        await proxy.stop()  # the pooled connection now leads nowhere, as after a Redis restart
+        await proxy.start()
+        assert await store.get(user) == written
+    finally:
+        await store.close()
