@@ -1,0 +1,123 @@
+"""The ``quota-sidecar`` command: run, check-config, demo, mock-quota."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import yaml
+
+from sidecar import __version__
+from sidecar.config import Config
+from sidecar.config_loader import ConfigError, load_config, masked, resolve_path
+
+COMMANDS = ("run", "check-config", "demo", "mock-quota")
+
+
+def _add_config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="YAML config file (default: $QUOTA_SIDECAR_CONFIG, else config/sidecar.yaml if present)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quota-sidecar",
+        description="Let any web app bill its users' AI calls to their own Quota wallet.",
+    )
+    parser.add_argument("--version", action="version", version=f"quota-sidecar {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="serve the public and internal listeners (the default)")
+    _add_config_arg(run)
+    check = sub.add_parser(
+        "check-config", help="validate the config and print it with secrets masked"
+    )
+    _add_config_arg(check)
+    demo = sub.add_parser(
+        "demo", help="Quota emulator + demo app + sidecar on http://localhost:5180, one command"
+    )
+    from sidecar.demo.runner import add_arguments as demo_args
+
+    demo_args(demo)
+    mock = sub.add_parser("mock-quota", help="run the Quota emulator alone, for local development")
+    from sidecar.mock_quota.cli import add_arguments as mock_args
+
+    mock_args(mock)
+    return parser
+
+
+def _load(path: str | None) -> Config:
+    return load_config(resolve_path(path, os.environ))
+
+
+def check_config(args: argparse.Namespace) -> int:
+    try:
+        config = _load(args.config)
+    except ConfigError as exc:
+        print(f"quota-sidecar: {exc}", file=sys.stderr)
+        return 1
+    print(yaml.safe_dump(masked(config), sort_keys=False), end="")
+    print("configuration OK", file=sys.stderr)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = _load(getattr(args, "config", None))
+    except ConfigError as exc:
+        print(f"quota-sidecar: {exc}", file=sys.stderr)
+        return 1
+    from sidecar import log
+
+    log.configure(config.log.level, config.log.format)
+    return asyncio.run(_serve(config))
+
+
+async def _serve(config: Config) -> int:
+    from sidecar.app import Sidecar
+    from sidecar.services import open_services
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    async with open_services(config) as services:
+        sidecar = Sidecar(services)
+        try:
+            await sidecar.start()
+        except OSError as exc:
+            print(f"quota-sidecar: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+            await sidecar.stop()
+            return 1
+        await stop.wait()
+        await sidecar.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = args.command or "run"
+    if command == "check-config":
+        return check_config(args)
+    if command == "demo":
+        from sidecar.demo.runner import main as demo_main
+
+        return demo_main(args)
+    if command == "mock-quota":
+        from sidecar.mock_quota.cli import main as mock_main
+
+        return mock_main(args)
+    return run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,148 @@
+"""The sidecar's configuration: typed, frozen sections and their documented defaults.
+
+Loading (YAML, ``${VAR}`` interpolation, environment overrides, validation) lives in
+``sidecar.config_loader``; this module only says what can be configured and why each default is
+what it is. Units are in the names (``_s`` seconds, ``_bytes``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from sidecar.secret import Secret
+
+PRODUCTION_BASE_URL = "https://api.usequota.ai"
+# The wallet recipe's scopes: spend for completions, read for the balance pill.
+DEFAULT_SCOPES = ("credits.read", "credits.spend")
+KNOWN_SCOPES = frozenset(
+    {
+        "openid",
+        "profile",
+        "email",
+        "credits.read",
+        "credits.spend",
+        "account.read",
+        "account.write",
+        "apps.read",
+        "apps.write",
+    }
+)
+MIN_SESSION_SECRET_LENGTH = 32
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaConfig:
+    client_id: str
+    client_secret: Secret
+    base_url: str = PRODUCTION_BASE_URL
+    scopes: tuple[str, ...] = DEFAULT_SCOPES
+    # None: derived per request from Host (and X-Forwarded-* from trusted proxies).
+    redirect_uri: str | None = None
+    # Token, revoke and balance calls are small; ten seconds is generous.
+    timeout_s: float = 10.0
+    connect_timeout_s: float = 5.0
+    # Time allowed between two reads of a /v1 response: long model pauses must not cut a stream.
+    stream_idle_timeout_s: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    # Browser traffic; usually the pod's only exposed port.
+    public: str = "0.0.0.0:8080"
+    # The host app's backend only: loopback unless an internal API key is set.
+    internal: str = "127.0.0.1:8081"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    url: str = "http://127.0.0.1:3000"
+    identity_probe_path: str = "/quota/whoami"
+    # The probe is on the request path of every /auth/quota/* call: keep it short.
+    probe_timeout_s: float = 5.0
+    connect_timeout_s: float = 5.0
+    # No total timeout for proxied requests (downloads, long polls); only between reads.
+    idle_timeout_s: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    # Quota's own hosted mode names the user with this header, so apps already know it.
+    header: str = "X-Quota-User"
+    internal_api_key: Secret | None = None
+    max_length: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    secret: Secret
+    cookie_name: str = "quota_sidecar"
+    # auto: Secure only when the request came over https, so http://localhost dev keeps working.
+    secure: Literal["auto", "always", "never"] = "auto"
+    # Peers whose X-Forwarded-Proto/Host/For are believed (IPs or CIDRs).
+    trusted_proxies: tuple[str, ...] = ()
+    # How long a started connect may take to come back (the recipe's 10 minutes).
+    pending_ttl_s: int = 600
+
+
+@dataclass(frozen=True, slots=True)
+class TokensConfig:
+    # "memory" (one process) or a redis://, rediss://, unix:// URL (REDIS_URL).
+    store: str = "memory"
+    # base64url 32-byte keys; first seals, all open. Empty: derived from session.secret.
+    encryption_keys: tuple[Secret, ...] = ()
+    # Refresh this long before expiry so a token never expires in flight.
+    refresh_skew_s: float = 30.0
+    # Cross-replica refresh lock lease; renewed while the token call runs.
+    lock_ttl_s: float = 10.0
+    key_prefix: str = "quota-sidecar"
+
+
+@dataclass(frozen=True, slots=True)
+class RedirectsConfig:
+    after_connect: str = "/"
+    after_error: str = "/"
+    # Where to send a browser that hits /auth/quota/connect signed out (None: 401 JSON).
+    login_url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    quota: QuotaConfig
+    session: SessionConfig
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+    redirects: RedirectsConfig = field(default_factory=RedirectsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+SECTIONS: dict[str, type] = {
+    "quota": QuotaConfig,
+    "listen": ListenConfig,
+    "upstream": UpstreamConfig,
+    "identity": IdentityConfig,
+    "session": SessionConfig,
+    "tokens": TokensConfig,
+    "redirects": RedirectsConfig,
+    "log": LogConfig,
+}
+
+# Well-known variables, as in Quota's recipe. Any key can also be set as
+# QUOTA_SIDECAR__<SECTION>__<KEY>, e.g. QUOTA_SIDECAR__TOKENS__REFRESH_SKEW_S=60.
+ENV_ALIASES: dict[str, tuple[str, str]] = {
+    "QUOTA_CLIENT_ID": ("quota", "client_id"),
+    "QUOTA_CLIENT_SECRET": ("quota", "client_secret"),
+    "QUOTA_BASE_URL": ("quota", "base_url"),
+    "QUOTA_REDIRECT_URI": ("quota", "redirect_uri"),
+    "SESSION_SECRET": ("session", "secret"),
+    "REDIS_URL": ("tokens", "store"),
+    "QUOTA_INTERNAL_API_KEY": ("identity", "internal_api_key"),
+}

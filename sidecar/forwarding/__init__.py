@@ -1,0 +1,1 @@
+"""Forwarding: requests relayed to Quota (/v1) and to the host app (everything else)."""

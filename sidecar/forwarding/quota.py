@@ -1,0 +1,86 @@
+"""Forward the host app's ``/v1/*`` and ``/v1beta/*`` calls to Quota with the user's token.
+
+The outgoing URL is the configured base plus the request's own path, appended as text and never
+resolved with ``URL.join``: a path such as ``//evil.example/x`` would otherwise switch the host
+and hand the user's bearer token to someone else. Paths with ``..``/``.`` segments, empty
+segments, backslashes or encoded slashes are refused before anything is sent.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from sidecar.errors import InvalidPath, QuotaUnavailable
+from sidecar.forwarding.headers import FORWARDED, filter_headers
+from sidecar.forwarding.stream import relay, request_body
+from sidecar.identity import header_identity
+from sidecar.services import SERVICES, Services
+
+PREFIXES = ("/v1/", "/v1beta/")
+# Headers from the host app that never reach Quota: credentials are ours to set.
+_DROP = ("authorization", "cookie", "host", "content-length", *FORWARDED)
+_ENCODED_SEPARATOR = re.compile(r"%(2f|5c)", re.IGNORECASE)
+
+
+def quota_url(base_url: str, raw_path: str, raw_query: str) -> URL:
+    """``base_url`` + ``raw_path`` (+ query), after refusing every path that could escape it."""
+    if (
+        not raw_path.startswith(PREFIXES)
+        or "//" in raw_path
+        or "\\" in raw_path
+        or _ENCODED_SEPARATOR.search(raw_path)
+        or any(ord(ch) < 0x21 or ord(ch) == 0x7F for ch in raw_path)
+    ):
+        raise InvalidPath
+    if any(unquote(segment) in (".", "..") for segment in raw_path.split("/")):
+        raise InvalidPath
+    text = base_url.rstrip("/") + raw_path + (f"?{raw_query}" if raw_query else "")
+    url = URL(text, encoded=True)
+    base = URL(base_url)
+    if (url.scheme, url.host, url.port) != (base.scheme, base.host, base.port):
+        raise InvalidPath  # defence in depth: never another host
+    return url
+
+
+def outgoing_headers(
+    request: web.Request, services: Services, access_token: str
+) -> CIMultiDict[str]:
+    headers = filter_headers(request.headers, drop=(*_DROP, services.config.identity.header))
+    headers["Authorization"] = f"Bearer {access_token}"
+    length = request.headers.get("Content-Length")
+    if length is not None and "Transfer-Encoding" not in request.headers:
+        headers["Content-Length"] = length
+    return headers
+
+
+async def forward(request: web.Request) -> web.StreamResponse:
+    services = request.app[SERVICES]
+    user_key = services.user_key(header_identity(request, services))
+    url = quota_url(
+        services.config.quota.base_url, request.rel_url.raw_path, request.rel_url.raw_query_string
+    )
+    record = await services.tokens.fresh(user_key)
+    cfg = services.config.quota
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=cfg.connect_timeout_s, sock_read=cfg.stream_idle_timeout_s
+    )
+    return await relay(
+        request,
+        services.quota_http,
+        url,
+        outgoing_headers(request, services, record.access_token),
+        data=request_body(request),
+        timeout=timeout,
+        unavailable=lambda detail: QuotaUnavailable(detail=detail),
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    for prefix in PREFIXES:
+        app.router.add_route("*", prefix + "{tail:.*}", forward)

@@ -1,0 +1,114 @@
+"""The long-lived objects both listeners share, made once at start-up and closed at shutdown.
+
+Made here: the HTTP client sessions (one pooled session per target: Quota, the host app), the
+token store, the keys derived from ``SESSION_SECRET``, the Quota client and the token manager.
+Tests pass their own clock or store through ``open_services``; nothing here is a module-level
+singleton.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from sidecar.config import Config
+from sidecar.config_loader import decode_key
+from sidecar.forwarding.headers import Network, parse_networks
+from sidecar.oauth import QuotaClient
+from sidecar.tokens.crypto import Sealer, UserKeys, derive_key
+from sidecar.tokens.factory import create_store
+from sidecar.tokens.manager import RefreshCoordinator, TokenManager
+from sidecar.tokens.store import TokenStore
+
+log = logging.getLogger(__name__)
+
+SEAL_LABEL = "quota-sidecar/v1/token-seal"
+USER_KEY_LABEL = "quota-sidecar/v1/user-key"
+COOKIE_LABEL = "quota-sidecar/v1/session-cookie"
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    config: Config
+    clock: Callable[[], float]
+    quota_http: aiohttp.ClientSession
+    upstream_http: aiohttp.ClientSession
+    quota: QuotaClient
+    tokens: TokenManager
+    user_keys: UserKeys
+    cookie_key: bytes
+    trusted_proxies: tuple[Network, ...]
+
+    def user_key(self, user_id: str) -> str:
+        return self.user_keys.key_for(user_id)
+
+
+SERVICES = web.AppKey("services", Services)
+
+
+def make_sealer(config: Config) -> Sealer:
+    keys = [k for k in (decode_key(s) for s in config.tokens.encryption_keys) if k is not None]
+    if not keys:
+        keys = [derive_key(config.session.secret.reveal().encode(), SEAL_LABEL)]
+    return Sealer(keys)
+
+
+def _client_session(*, limit: int = 0) -> aiohttp.ClientSession:
+    # No total timeout on the session: streams may last; each call sets its own timeouts.
+    connector = aiohttp.TCPConnector(limit=limit, ttl_dns_cache=60, enable_cleanup_closed=True)
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        timeout=aiohttp.ClientTimeout(total=None),
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_services(
+    config: Config,
+    *,
+    clock: Callable[[], float] = time.time,
+    store: TokenStore | None = None,
+    coordinator: RefreshCoordinator | None = None,
+) -> AsyncIterator[Services]:
+    secret = config.session.secret.reveal().encode()
+    token_store = store or create_store(
+        config.tokens.store, make_sealer(config), prefix=config.tokens.key_prefix
+    )
+    if token_store.name == "memory":
+        log.warning(
+            "token store is in memory: tokens live in this one process and are lost on restart; "
+            "set REDIS_URL to run more than one replica"
+        )
+    quota_http = _client_session()
+    upstream_http = _client_session()
+    try:
+        quota = QuotaClient(quota_http, config.quota, clock=clock)
+        yield Services(
+            config=config,
+            clock=clock,
+            quota_http=quota_http,
+            upstream_http=upstream_http,
+            quota=quota,
+            tokens=TokenManager(
+                token_store,
+                quota,
+                refresh_skew_s=config.tokens.refresh_skew_s,
+                clock=clock,
+                coordinator=coordinator,
+            ),
+            user_keys=UserKeys(derive_key(secret, USER_KEY_LABEL)),
+            cookie_key=derive_key(secret, COOKIE_LABEL),
+            trusted_proxies=parse_networks(config.session.trusted_proxies),
+        )
+    finally:
+        await quota_http.close()
+        await upstream_http.close()
+        await token_store.close()

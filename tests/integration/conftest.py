@@ -1,0 +1,157 @@
+"""The whole stack on loopback: Quota emulator, stub host app, and the sidecar's real listeners."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+
+from sidecar.app import Sidecar
+from sidecar.config import Config
+from sidecar.mock_quota import MockQuota, create_app
+from sidecar.mock_quota.clients import Client
+from sidecar.services import Services, make_sealer, open_services
+from sidecar.tokens.factory import create_store
+from sidecar.tokens.store import TokenStore
+from tests.support import (
+    Browser,
+    FakeClock,
+    StubUpstream,
+    approve_consent,
+    create_stub_upstream,
+    make_config,
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Stack:
+    clock: FakeClock
+    quota: MockQuota
+    quota_url: str
+    client: Client
+    upstream: StubUpstream
+    upstream_url: str
+    config: Config
+    services: Services
+    store: TokenStore
+    public_url: str
+    internal_url: str
+    browser: Browser
+    backend: aiohttp.ClientSession  # the host app's backend calling the internal listener
+
+    def user_key(self, user: str) -> str:
+        return self.services.user_key(user)
+
+    async def connect(self, user: str, email: str | None = None) -> aiohttp.ClientResponse:
+        """The whole browser round-trip: sign in, connect, approve, land back."""
+        self.browser.sign_in(self.public_url, user)
+        consent = await self.browser.get(f"{self.public_url}/auth/quota/connect?return_to=/home")
+        assert consent.status == 200, await consent.text()
+        return await approve_consent(self.browser, consent, email or f"{user}@example.com")
+
+    async def chat(
+        self, user: str, *, stream: bool = False, **extra: Any
+    ) -> aiohttp.ClientResponse:
+        return await self.backend.post(
+            f"{self.internal_url}/v1/chat/completions",
+            json={
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": "hello there"}],
+                "stream": stream,
+                **extra,
+            },
+            headers={"X-Quota-User": user},
+        )
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def store_kind() -> str:
+    return "redis"
+
+
+@pytest.fixture
+def config_overrides() -> dict[str, dict[str, Any]]:
+    return {}
+
+
+@pytest.fixture
+async def stack(
+    aiohttp_server: Callable[..., Any],
+    clock: FakeClock,
+    store_kind: str,
+    redis_url: str,
+    redis_prefix: str,
+    config_overrides: dict[str, dict[str, Any]],
+) -> AsyncIterator[Stack]:
+    quota = MockQuota(clock=clock)
+    quota.settings.chunk_delay_s = 0.0
+    quota_server = await aiohttp_server(create_app(quota))
+    quota_url = str(quota_server.make_url("")).rstrip("/")
+    upstream = create_stub_upstream()
+    upstream_server = await aiohttp_server(upstream.app)
+    upstream_url = str(upstream_server.make_url("")).rstrip("/")
+
+    port = free_port()
+    public_url = f"http://127.0.0.1:{port}"
+    client = quota.register_client(
+        name="Test App", redirect_uris=[f"{public_url}/auth/quota/callback"]
+    )
+    sections: dict[str, dict[str, Any]] = {
+        "quota": {
+            "base_url": quota_url,
+            "client_id": client.client_id,
+            "client_secret": client.client_secret,
+        },
+        "listen": {"public": f"127.0.0.1:{port}", "internal": "127.0.0.1:0"},
+        "upstream": {"url": upstream_url},
+        "tokens": {"key_prefix": redis_prefix},
+    }
+    for name, values in config_overrides.items():
+        sections.setdefault(name, {}).update(values)
+    config = make_config(**sections)
+    store = create_store(
+        "memory" if store_kind == "memory" else redis_url,
+        make_sealer(config),
+        prefix=redis_prefix,
+    )
+    browser = Browser()
+    backend = aiohttp.ClientSession()
+    async with open_services(config, clock=clock, store=store) as services:
+        sidecar = Sidecar(services)
+        await sidecar.start()
+        try:
+            yield Stack(
+                clock=clock,
+                quota=quota,
+                quota_url=quota_url,
+                client=client,
+                upstream=upstream,
+                upstream_url=upstream_url,
+                config=config,
+                services=services,
+                store=store,
+                public_url=public_url,
+                internal_url=sidecar.urls["internal"],
+                browser=browser,
+                backend=backend,
+            )
+        finally:
+            await sidecar.stop()
+            await browser.close()
+            await backend.close()

@@ -1,0 +1,164 @@
+"""Refresh before expiry, once per expiry in a process, and never lose a grant to a fault."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import pytest
+
+from sidecar.app import Sidecar
+from sidecar.config import ListenConfig
+from sidecar.services import make_sealer, open_services
+from sidecar.tokens.factory import create_store
+from tests.integration.conftest import Stack, free_port
+
+
+async def expire_soon(stack: Stack, user: str = "alice") -> None:
+    """Move time to within the refresh skew of the user's access-token expiry."""
+    record = await stack.store.get(stack.user_key(user))
+    assert record is not None
+    stack.clock.now = record.expires_at - stack.config.tokens.refresh_skew_s + 1
+
+
+async def test_token_near_expiry_is_refreshed_before_forwarding(stack: Stack) -> None:
+    await stack.connect("alice")
+    old = await stack.store.get(stack.user_key("alice"))
+    await expire_soon(stack)
+    resp = await stack.chat("alice")
+    assert resp.status == 200
+    assert stack.quota.counters["token.refresh_token"] == 1
+    new = await stack.store.get(stack.user_key("alice"))
+    assert old is not None
+    assert new is not None
+    assert new.access_token != old.access_token
+    assert new.refresh_token != old.refresh_token
+    seen = [r for r in stack.quota.requests if r.path == "/v1/chat/completions"][-1]
+    assert seen.headers["Authorization"] == f"Bearer {new.access_token}"
+
+
+async def test_twenty_concurrent_requests_cause_exactly_one_refresh(stack: Stack) -> None:
+    await stack.connect("alice")
+    await expire_soon(stack)
+    stack.quota.settings.token_delay_s = 0.1  # keep the refresh in flight while all arrive
+    responses = await asyncio.gather(*(stack.chat("alice") for _ in range(20)))
+    assert [r.status for r in responses] == [200] * 20
+    assert stack.quota.counters["token.refresh_token"] == 1
+    assert stack.quota.counters["token.refresh_reuse"] == 0
+
+
+async def test_invalid_grant_forgets_the_tokens_and_answers_wallet_not_connected(
+    stack: Stack,
+) -> None:
+    await stack.connect("alice")
+    record = await stack.store.get(stack.user_key("alice"))
+    assert record is not None
+    await stack.services.quota.revoke(record.refresh_token)  # the user revoked the app at Quota
+    stack.clock.now = record.expires_at + 1
+    resp = await stack.chat("alice")
+    assert resp.status == 401
+    assert (await resp.json())["error"]["code"] == "wallet_not_connected"
+    assert await stack.store.get(stack.user_key("alice")) is None
+
+
+async def test_quota_5xx_during_refresh_keeps_the_record_and_uses_the_valid_token(
+    stack: Stack,
+) -> None:
+    await stack.connect("alice")
+    before = await stack.store.get(stack.user_key("alice"))
+    await expire_soon(stack)
+    stack.quota.settings.token_fail_status = 503
+    stack.quota.settings.token_fail_count = -1
+    resp = await stack.chat("alice")
+    assert resp.status == 200
+    assert await stack.store.get(stack.user_key("alice")) == before
+
+
+@pytest.mark.parametrize("config_overrides", [{"quota": {"timeout_s": 0.3}}])
+async def test_quota_timeout_during_refresh_keeps_the_record_and_uses_the_valid_token(
+    stack: Stack,
+) -> None:
+    await stack.connect("alice")
+    before = await stack.store.get(stack.user_key("alice"))
+    await expire_soon(stack)
+    stack.quota.settings.token_delay_s = 2
+    resp = await stack.chat("alice")
+    assert resp.status == 200
+    assert await stack.store.get(stack.user_key("alice")) == before
+
+
+async def test_quota_5xx_after_expiry_is_503_refresh_unavailable_with_retry_after(
+    stack: Stack,
+) -> None:
+    await stack.connect("alice")
+    before = await stack.store.get(stack.user_key("alice"))
+    assert before is not None
+    stack.clock.now = before.expires_at + 1
+    stack.quota.settings.token_fail_status = 502
+    stack.quota.settings.token_fail_count = -1
+    resp = await stack.chat("alice")
+    assert resp.status == 503
+    assert (await resp.json())["error"]["code"] == "refresh_unavailable"
+    assert int(resp.headers["Retry-After"]) > 0
+    assert await stack.store.get(stack.user_key("alice")) == before
+    # Quota comes back: service resumes without the user doing anything.
+    stack.quota.settings.token_fail_count = 0
+    assert (await stack.chat("alice")).status == 200
+
+
+async def test_disconnect_during_an_in_flight_refresh_stays_disconnected(stack: Stack) -> None:
+    await stack.connect("alice")
+    await expire_soon(stack)
+    stack.quota.settings.token_delay_s = 0.3
+    chat = asyncio.create_task(stack.chat("alice"))
+    await asyncio.sleep(0.1)  # the refresh is now waiting on Quota
+    gone = await stack.backend.post(
+        f"{stack.internal_url}/auth/quota/disconnect", headers={"X-Quota-User": "alice"}
+    )
+    assert gone.status == 200
+    resp = await chat
+    assert resp.status == 401
+    assert await stack.store.get(stack.user_key("alice")) is None
+    await asyncio.sleep(0.05)
+    assert await stack.store.get(stack.user_key("alice")) is None
+
+
+async def test_a_client_that_goes_away_does_not_cancel_the_refresh(stack: Stack) -> None:
+    await stack.connect("alice")
+    old = await stack.store.get(stack.user_key("alice"))
+    await expire_soon(stack)
+    stack.quota.settings.token_delay_s = 0.3
+    chat = asyncio.create_task(stack.chat("alice"))
+    await asyncio.sleep(0.1)
+    chat.cancel()  # the client hangs up while the token call is at Quota
+    await asyncio.sleep(0.5)
+    new = await stack.store.get(stack.user_key("alice"))
+    assert old is not None
+    assert new is not None
+    assert new.refresh_token != old.refresh_token  # the rotated pair was kept
+    assert stack.quota.counters["token.refresh_ok"] == 1
+    assert (await stack.chat("alice")).status == 200
+    assert stack.quota.counters["token.refresh_token"] == 1
+
+
+async def test_store_down_is_503_store_unavailable_and_deletes_nothing(stack: Stack) -> None:
+    await stack.connect("alice")
+    dead = create_store(f"redis://127.0.0.1:{free_port()}/0", make_sealer(stack.config))
+    config = replace(
+        stack.config, listen=ListenConfig(public="127.0.0.1:0", internal="127.0.0.1:0")
+    )
+    async with open_services(config, clock=stack.clock, store=dead) as services:
+        sidecar = Sidecar(services)
+        await sidecar.start()
+        try:
+            resp = await stack.backend.post(
+                f"{sidecar.urls['internal']}/v1/chat/completions",
+                json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+                headers={"X-Quota-User": "alice"},
+            )
+            assert resp.status == 503
+            assert (await resp.json())["error"]["code"] == "store_unavailable"
+            assert "Retry-After" in resp.headers
+        finally:
+            await sidecar.stop()
+    assert await stack.store.get(stack.user_key("alice")) is not None
