@@ -14,7 +14,8 @@ from aiohttp.abc import AbstractAccessLogger
 
 from sidecar.middleware import REQUEST_ID
 
-_logger = logging.getLogger("sidecar.access")
+ACCESS_LOGGER = logging.getLogger("sidecar.access")
+LISTENER = web.AppKey("listener", str)
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -42,7 +43,3 @@ class AccessLogger(AbstractAccessLogger):
     @property
     def enabled(self) -> bool:
         return self.logger.isEnabledFor(logging.INFO)
-
-
-LISTENER = web.AppKey("listener", str)
-ACCESS_LOGGER = _logger

@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from sidecar import middleware
-from sidecar.access_log import LISTENER, AccessLogger
+from sidecar.access_log import ACCESS_LOGGER, LISTENER, AccessLogger
 from sidecar.config_loader import split_host_port
 from sidecar.errors import InvalidApiKey, MethodNotAllowed, NotFound
 from sidecar.forwarding import quota as quota_forward
@@ -102,6 +102,7 @@ class Sidecar:
             runner = web.AppRunner(
                 app,
                 access_log_class=AccessLogger,
+                access_log=ACCESS_LOGGER,
                 handler_cancellation=True,  # a client that leaves cancels its upstream call
                 shutdown_timeout=10,
             )

@@ -1,0 +1,105 @@
+"""The command line: every command has help; run serves and stops cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.integration.conftest import free_port
+
+COMMANDS = ["run", "check-config", "demo", "mock-quota"]
+
+
+@pytest.mark.parametrize("command", [[], *[[c] for c in COMMANDS]])
+def test_every_command_has_help(command: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", *command, "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "usage: quota-sidecar" in result.stdout
+
+
+def test_the_console_script_is_installed() -> None:
+    script = Path(sys.executable).with_name("quota-sidecar")
+    result = subprocess.run(
+        [str(script), "--version"], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert result.returncode == 0
+    assert result.stdout.startswith("quota-sidecar ")
+
+
+def test_run_refuses_an_internal_listener_off_loopback_without_a_key(tmp_path: Path) -> None:
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "QUOTA_CLIENT_ID": "c",
+        "QUOTA_CLIENT_SECRET": "s",
+        "SESSION_SECRET": "x" * 32,
+        "QUOTA_SIDECAR__LISTEN__INTERNAL": "0.0.0.0:8081",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", "run"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "listen.internal: binds to 0.0.0.0, off loopback" in result.stderr
+    assert "identity.internal_api_key" in result.stderr
+
+
+async def test_run_serves_both_listeners_and_exits_0_on_sigterm(tmp_path: Path) -> None:
+    public, internal = free_port(), free_port()
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "QUOTA_CLIENT_ID": "c",
+        "QUOTA_CLIENT_SECRET": "s",
+        "SESSION_SECRET": "x" * 32,
+        "QUOTA_SIDECAR__LISTEN__PUBLIC": f"127.0.0.1:{public}",
+        "QUOTA_SIDECAR__LISTEN__INTERNAL": f"127.0.0.1:{internal}",
+        "QUOTA_SIDECAR__UPSTREAM__URL": f"http://127.0.0.1:{free_port()}",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        async with aiohttp.ClientSession() as http:
+            while True:
+                try:
+                    resp = await http.get(f"http://127.0.0.1:{internal}/v1/models")
+                    break
+                except aiohttp.ClientConnectionError:
+                    assert time.monotonic() < deadline, "the sidecar did not start"
+                    time.sleep(0.1)
+            assert resp.status == 400
+            assert (await resp.json())["error"]["code"] == "identity_missing"
+            resp = await http.get(f"http://127.0.0.1:{public}/anything")
+            assert resp.status == 502  # no host app behind it
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+        assert proc.returncode == 0
+        output = out.decode()
+        assert '"logger": "sidecar.access"' in output
+        assert "token store is in memory" in output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
