@@ -30,7 +30,8 @@ async def test_the_demo_connects_a_wallet_streams_a_chat_and_shows_the_balance_d
             chat = await browser.post(f"{demo.url}/api/chat", json={"message": "hello"})
             assert chat.status == 200
             body = await chat.text()
-            assert "data: [DONE]" in body and '"quota"' in body
+            assert "data: [DONE]" in body
+            assert '"quota"' in body
             after = (await (await browser.get(f"{demo.url}/auth/quota/balance")).json())["balance"]
             assert after < before
 

@@ -48,7 +48,7 @@ async def test_a_whole_flow_logs_no_token_code_state_or_secret(
     await stack.backend.post(
         f"{stack.internal_url}/auth/quota/disconnect", headers={"X-Quota-User": "alice"}
     )
-    callback = [r for r in stack.quota.requests if r.path == "/oauth/token"][0]
+    callback = next(r for r in stack.quota.requests if r.path == "/oauth/token")
     code = callback.body.decode().split("code=")[1].split("&")[0]
 
     text = "\n".join(json_lines)
