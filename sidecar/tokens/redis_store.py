@@ -108,6 +108,15 @@ class RedisTokenStore:
         self._cas = client.register_script(_COMPARE_AND_SET)
         self._cad = client.register_script(_COMPARE_AND_DELETE)
 
+    @property
+    def client(self) -> aioredis.Redis:
+        """The Redis client, shared with the refresh lock (same server, same failure modes)."""
+        return self._client
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
     def tokens_key(self, user_key: str) -> str:
         return f"{self._prefix}:{{{user_key}}}:tokens"
 
