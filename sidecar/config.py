@@ -44,6 +44,9 @@ class QuotaConfig:
     connect_timeout_s: float = 5.0
     # Time allowed between two reads of a /v1 response: long model pauses must not cut a stream.
     stream_idle_timeout_s: float = 300.0
+    # Request bodies up to this size are kept so a call Quota refused with 401 can be replayed
+    # once after a forced refresh; larger bodies stream through and are not replayed.
+    replay_max_bytes: int = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)

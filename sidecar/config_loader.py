@@ -319,6 +319,8 @@ def _check(config: c.Config, problems: list[str]) -> None:
     ):
         if amount <= 0:
             problems.append(f"{name}: must be greater than 0, got {amount}")
+    if q.replay_max_bytes < 0:
+        problems.append(f"quota.replay_max_bytes: must be 0 or more, got {q.replay_max_bytes}")
     if t.refresh_skew_s < 0:
         problems.append(f"tokens.refresh_skew_s: must be 0 or more, got {t.refresh_skew_s}")
     for name, value in (

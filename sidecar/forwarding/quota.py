@@ -18,7 +18,7 @@ from yarl import URL
 
 from sidecar.errors import InvalidPath, QuotaUnavailable
 from sidecar.forwarding.headers import FORWARDED, filter_headers
-from sidecar.forwarding.stream import relay, request_body
+from sidecar.forwarding.stream import replayable_body, send, stream_back
 from sidecar.identity import header_identity
 from sidecar.services import SERVICES, Services
 
@@ -60,6 +60,11 @@ def outgoing_headers(
 
 
 async def forward(request: web.Request) -> web.StreamResponse:
+    """Forward one call; a 401 from Quota gets one forced refresh and one replay.
+
+    The replay happens only when the whole body was buffered (``quota.replay_max_bytes``) and
+    before any byte of the answer went to the client; otherwise Quota's 401 passes through.
+    """
     services = request.app[SERVICES]
     user_key = services.user_key(header_identity(request, services))
     url = quota_url(
@@ -67,18 +72,28 @@ async def forward(request: web.Request) -> web.StreamResponse:
     )
     record = await services.tokens.fresh(user_key)
     cfg = services.config.quota
+    body, replayable = await replayable_body(request, cfg.replay_max_bytes)
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=cfg.connect_timeout_s, sock_read=cfg.stream_idle_timeout_s
     )
-    return await relay(
-        request,
-        services.quota_http,
-        url,
-        outgoing_headers(request, services, record.access_token),
-        data=request_body(request),
-        timeout=timeout,
-        unavailable=lambda detail: QuotaUnavailable(detail=detail),
-    )
+
+    async def attempt(access_token: str) -> aiohttp.ClientResponse:
+        return await send(
+            request,
+            services.quota_http,
+            url,
+            outgoing_headers(request, services, access_token),
+            data=body,
+            timeout=timeout,
+            unavailable=lambda detail: QuotaUnavailable(detail=detail),
+        )
+
+    upstream = await attempt(record.access_token)
+    if upstream.status == 401 and replayable:
+        upstream.release()
+        record = await services.tokens.after_rejection(user_key, record)
+        upstream = await attempt(record.access_token)
+    return await stream_back(request, upstream)
 
 
 def add_routes(app: web.Application) -> None:

@@ -10,7 +10,7 @@ the upstream connection at once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
@@ -26,11 +26,41 @@ log = logging.getLogger(__name__)
 _RESPONSE_DROP = ("content-length",)
 
 
+Body = aiohttp.StreamReader | bytes | AsyncIterator[bytes] | None
+
+
 def request_body(request: web.Request) -> aiohttp.StreamReader | None:
     return request.content if request.body_exists else None
 
 
-async def relay(
+async def replayable_body(request: web.Request, limit: int) -> tuple[Body, bool]:
+    """Read up to ``limit`` bytes of the body into memory so it can be sent twice.
+
+    Returns the body and whether it is replayable. A larger body is not held: what was read is
+    sent first and the rest streams on from the client (so memory stays bounded).
+    """
+    if not request.body_exists:
+        return None, True
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await request.content.readany()
+        if not chunk:
+            return b"".join(chunks), True
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return _then_rest(chunks, request.content), False
+
+
+async def _then_rest(head: list[bytes], rest: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    for chunk in head:
+        yield chunk
+    async for chunk in rest.iter_any():
+        yield chunk
+
+
+async def send(
     request: web.Request,
     http: aiohttp.ClientSession,
     url: URL,
@@ -38,17 +68,11 @@ async def relay(
     *,
     timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - per-read timeouts, not a deadline
     unavailable: Callable[[str], SidecarError],
-    data: aiohttp.StreamReader | bytes | None = None,
-    adjust_response: Callable[[CIMultiDict[str], aiohttp.ClientResponse], None] | None = None,
-) -> web.StreamResponse:
-    """Send the request to ``url`` and stream the response back to ``request``'s client.
-
-    Failures before any byte reached the client raise ``unavailable(detail)``; a failure
-    mid-stream can no longer change the status, so the client connection is cut (a truncated
-    body must not look complete).
-    """
+    data: Body = None,
+) -> aiohttp.ClientResponse:
+    """Send the request on; failures before an answer raise ``unavailable(detail)``."""
     try:
-        upstream = await http.request(
+        return await http.request(
             request.method,
             url,
             headers=headers,
@@ -60,6 +84,18 @@ async def relay(
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise unavailable(f"{request.method} {url.host}: {type(exc).__name__}") from None
 
+
+async def stream_back(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    *,
+    adjust_response: Callable[[CIMultiDict[str], aiohttp.ClientResponse], None] | None = None,
+) -> web.StreamResponse:
+    """Stream ``upstream``'s answer to the client as it arrives, then release it.
+
+    A failure mid-stream can no longer change the status, so the client connection is cut (a
+    truncated body must not look complete).
+    """
     async with upstream:
         out = filter_headers(upstream.headers, drop=_RESPONSE_DROP)
         if adjust_response is not None:
@@ -80,3 +116,20 @@ async def relay(
             return response
         await response.write_eof()
         return response
+
+
+async def relay(
+    request: web.Request,
+    http: aiohttp.ClientSession,
+    url: URL,
+    headers: CIMultiDict[str],
+    *,
+    timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - per-read timeouts, not a deadline
+    unavailable: Callable[[str], SidecarError],
+    data: Body = None,
+) -> web.StreamResponse:
+    """Send the request to ``url`` and stream the response back to ``request``'s client."""
+    upstream = await send(
+        request, http, url, headers, timeout=timeout, unavailable=unavailable, data=data
+    )
+    return await stream_back(request, upstream)

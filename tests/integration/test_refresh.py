@@ -162,3 +162,67 @@ async def test_store_down_is_503_store_unavailable_and_deletes_nothing(stack: St
         finally:
             await sidecar.stop()
     assert await stack.store.get(stack.user_key("alice")) is not None
+
+
+async def revoke_access_token(stack: Stack, user: str = "alice") -> None:
+    record = await stack.store.get(stack.user_key(user))
+    assert record is not None
+    async with stack.backend.post(
+        f"{stack.quota_url}/oauth/revoke",
+        data={
+            "token": record.access_token,
+            "token_type_hint": "access_token",
+            "client_id": stack.client.client_id,
+            "client_secret": stack.client.client_secret,
+        },
+    ) as resp:
+        assert resp.status == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_401_from_quota_gets_one_forced_refresh_and_one_replay(
+    stack: Stack, stream: bool
+) -> None:
+    await stack.connect("alice")
+    await revoke_access_token(stack)  # unexpired, but Quota no longer takes it
+    resp = await stack.chat("alice", stream=stream)
+    assert resp.status == 200
+    body = await resp.read()
+    assert b"Echo from Quota: hello there" in body or b"Echo" in body
+    assert stack.quota.counters["token.refresh_token"] == 1
+    assert stack.quota.counters["chat.completions"] == 2  # the refused call and its replay
+
+
+@pytest.mark.parametrize("config_overrides", [{"quota": {"replay_max_bytes": 16}}])
+async def test_a_body_too_large_to_replay_passes_quotas_401_through(stack: Stack) -> None:
+    await stack.connect("alice")
+    await revoke_access_token(stack)
+    resp = await stack.chat("alice")
+    assert resp.status == 401
+    assert (await resp.json())["error"]["code"] == "invalid_token"
+    assert stack.quota.counters["chat.completions"] == 1
+    assert stack.quota.counters["token.refresh_token"] == 0
+
+
+async def test_a_second_401_after_the_replay_passes_through_without_a_loop(stack: Stack) -> None:
+    await stack.connect("alice")
+    record = await stack.store.get(stack.user_key("alice"))
+    assert record is not None
+    # Quota refuses every bearer: the forced refresh works but the replay is refused again.
+    stack.quota.settings.token_fail_count = 0
+    await revoke_access_token(stack)
+    original = stack.quota.grants.authenticate
+
+    def refuse(token: str):  # type: ignore[no-untyped-def]
+        from sidecar.mock_quota.errors import ApiError
+
+        raise ApiError(401, "invalid_token", "refused for the test")
+
+    stack.quota.grants.authenticate = refuse  # type: ignore[method-assign]
+    try:
+        resp = await stack.chat("alice")
+    finally:
+        stack.quota.grants.authenticate = original  # type: ignore[method-assign]
+    assert resp.status == 401
+    assert stack.quota.counters["chat.completions"] == 2
+    assert stack.quota.counters["token.refresh_token"] == 1
