@@ -29,6 +29,9 @@ class MockSettings:
     default_balance: int = 5_000_000
     # Sleep before answering /oauth/token (an asyncio.sleep, so it is cancellable).
     token_delay_s: float = 0
+    # Sleep after a token call succeeded (codes spent, refresh tokens rotated) and before the
+    # answer leaves: a client that dies meanwhile has lost the new pair, as in production.
+    token_response_delay_s: float = 0
     # The next ``token_fail_count`` token calls answer ``token_fail_status`` (-1 = every call).
     token_fail_status: int | None = None
     token_fail_count: int = 0
@@ -121,6 +124,7 @@ _CHECKS: dict[str, Callable[[object], str | None]] = {
     "code_ttl_s": _positive_number,
     "default_balance": _non_negative_int,
     "token_delay_s": _non_negative_number,
+    "token_response_delay_s": _non_negative_number,
     "token_fail_status": _fail_status,
     "token_fail_count": _fail_count,
     "chunk_delay_s": _non_negative_number,

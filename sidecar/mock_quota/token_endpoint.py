@@ -137,6 +137,8 @@ async def token(request: web.Request) -> web.Response:
             quota.counters["token.refresh_reuse"] += 1
         quota.counters["token.errors"] += 1
         return exc.to_response(settings.oauth_error_style)
+    if settings.token_response_delay_s > 0:
+        await asyncio.sleep(settings.token_response_delay_s)
     return web.json_response(pair.to_json(), headers=_NO_STORE)
 
 

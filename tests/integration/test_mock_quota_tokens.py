@@ -213,6 +213,21 @@ async def test_token_delay_holds_the_answer_back(http: Http, quota: MockQuota) -
     assert time.monotonic() - started >= 0.3
 
 
+async def test_response_delay_rotates_first_so_a_client_that_gives_up_loses_the_pair(
+    http: Http, quota: MockQuota
+) -> None:
+    tokens = quota.issue_grant(CLIENT_ID, "alice@example.com")
+    quota.settings.token_response_delay_s = 0.5
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(refresh(http, str(tokens["refresh_token"])), timeout=0.2)
+    await asyncio.sleep(0.1)
+    assert quota.counters["token.refresh_ok"] == 1
+    quota.settings.token_response_delay_s = 0
+    again = await refresh(http, str(tokens["refresh_token"]))
+    assert again.status == 400  # the old token was rotated away: reuse
+    assert quota.counters["token.refresh_reuse"] == 1
+
+
 async def test_a_client_giving_up_during_the_token_delay_leaves_the_server_healthy(
     http: Http, quota: MockQuota
 ) -> None:
