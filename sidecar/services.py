@@ -23,7 +23,9 @@ from sidecar.forwarding.headers import Network, parse_networks
 from sidecar.oauth import QuotaClient
 from sidecar.tokens.crypto import Sealer, UserKeys, derive_key
 from sidecar.tokens.factory import create_store
+from sidecar.tokens.lock import RedisRefreshCoordinator
 from sidecar.tokens.manager import RefreshCoordinator, TokenManager
+from sidecar.tokens.redis_store import RedisTokenStore
 from sidecar.tokens.store import TokenStore
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,15 @@ async def open_services(
             "token store is in memory: tokens live in this one process and are lost on restart; "
             "set REDIS_URL to run more than one replica"
         )
+    redis_coordinator: RedisRefreshCoordinator | None = None
+    if coordinator is None and isinstance(token_store, RedisTokenStore):
+        redis_coordinator = coordinator = RedisRefreshCoordinator(
+            token_store,
+            lock_ttl_s=config.tokens.lock_ttl_s,
+            # A holder renews its lease while Quota answers; wait for it as long as that may take.
+            max_wait_s=config.quota.timeout_s + 2 * config.tokens.lock_ttl_s,
+        )
+        redis_coordinator.start()
     quota_http = _client_session()
     upstream_http = _client_session()
     try:
@@ -109,6 +120,8 @@ async def open_services(
             trusted_proxies=parse_networks(config.session.trusted_proxies),
         )
     finally:
+        if redis_coordinator is not None:
+            await redis_coordinator.close()
         await quota_http.close()
         await upstream_http.close()
         await token_store.close()

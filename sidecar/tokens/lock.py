@@ -1,0 +1,201 @@
+"""Cross-replica single flight for one user's refresh: a renewed Redis lease, with wake-ups.
+
+The lease is ``SET <prefix>:{user}:lock <owner-token> NX PX <lock_ttl>``. Only the holder calls
+Quota. While it waits on Quota a background task renews the lease (every third of its life,
+compare-and-``PEXPIRE``), so a slow Quota cannot make it lapse and let a second replica spend the
+same refresh token. Release is compare-and-delete, then a ``PUBLISH`` on the user's channel wakes
+the waiters at once; polling the lease's remaining life is only the fallback for a lost message.
+
+    replica A (holder)                 replica B (waiter)             Redis
+    SET lock a1 NX PX 10000 → OK                                      lock = a1
+                                       SET lock b1 NX → nil           (wait: pub/sub or PTTL)
+    refresh at Quota … renew lease                                    lock ttl reset
+    CAS tokens v1 → v2
+    DEL lock if = a1; PUBLISH changed                                 lock gone
+                                       woken; SET lock b1 NX → OK
+                                       re-read tokens → v2: fresh, no Quota call
+                                       DEL lock if = b1
+
+If the holder dies, its lease expires after ``lock_ttl_s`` and a waiter takes over; it re-reads
+the record first, so if the dead holder had already written, nothing is sent to Quota again.
+The context manager is entered inside the manager's shielded refresh task, so a cancelled client
+request never leaves the lock held: release runs when the refresh itself ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from sidecar.errors import RefreshUnavailable, StoreUnavailable
+from sidecar.tokens.redis_store import RedisTokenStore
+
+log = logging.getLogger(__name__)
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+# Fallback only: waiters are normally woken by the holder's PUBLISH.
+POLL_INTERVAL_S = 0.5
+
+
+@contextlib.contextmanager
+def _store_errors(operation: str) -> Iterator[None]:
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise StoreUnavailable(detail=f"redis {operation}: {type(exc).__name__}") from exc
+
+
+def owner_id() -> str:
+    """Who holds a lease: host and pid (for operators reading Redis), then a random part."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class RedisRefreshCoordinator:
+    """``RefreshCoordinator`` over Redis, shared by every replica using the same store."""
+
+    def __init__(
+        self,
+        store: RedisTokenStore,
+        *,
+        lock_ttl_s: float,
+        max_wait_s: float,
+        poll_interval_s: float = POLL_INTERVAL_S,
+    ) -> None:
+        self._store = store
+        self._client = store.client
+        self._ttl_ms = max(1, int(lock_ttl_s * 1000))
+        self._max_wait_s = max_wait_s
+        self._poll_s = poll_interval_s
+        self._owner = owner_id()
+        self._renew = self._client.register_script(_RENEW)
+        self._release = self._client.register_script(_RELEASE)
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self.lock_waits = 0  # refreshes that found another replica holding the lease
+
+    def channel(self, user_key: str) -> str:
+        return f"{self._store.prefix}:{{{user_key}}}:changed"
+
+    @contextlib.asynccontextmanager
+    async def hold(self, user_key: str) -> AsyncIterator[None]:
+        key = self._store.lock_key(user_key)
+        token = f"{self._owner}:{secrets.token_hex(8)}"
+        await self._acquire(user_key, key, token)
+        renewer = asyncio.create_task(self._keep_alive(key, token))
+        try:
+            yield
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+            await self._give_back(user_key, key, token)
+
+    def start(self) -> None:
+        """Subscribe to wake-ups now, so the first waiter does not miss an early release."""
+        self._ensure_listener()
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+
+    async def _acquire(self, user_key: str, key: str, token: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._max_wait_s
+        woken = asyncio.Event()
+        self._waiters.setdefault(user_key, set()).add(woken)  # before SET NX: no lost wake-up
+        counted = False
+        try:
+            while True:
+                woken.clear()
+                with _store_errors("lock"):
+                    if await self._client.set(key, token, nx=True, px=self._ttl_ms):
+                        return
+                    remaining_ms = await self._client.pttl(key)
+                if remaining_ms == -2:
+                    continue  # released between the two calls
+                if not counted:
+                    self.lock_waits += 1
+                    counted = True
+                self._ensure_listener()
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise RefreshUnavailable(
+                        detail="another replica's refresh for this user did not finish in time"
+                    )
+                lease_s = remaining_ms / 1000 if remaining_ms > 0 else self._poll_s
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), min(self._poll_s, lease_s, left))
+        finally:
+            waiters = self._waiters.get(user_key)
+            if waiters is not None:
+                waiters.discard(woken)
+                if not waiters:
+                    del self._waiters[user_key]
+
+    async def _keep_alive(self, key: str, token: str) -> None:
+        interval = self._ttl_ms / 3000
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                renewed = await self._renew(keys=[key], args=[token, self._ttl_ms])
+            except (RedisError, OSError) as exc:
+                log.warning("could not renew the refresh lease (%s); retrying", type(exc).__name__)
+                continue
+            if not renewed:
+                log.warning("the refresh lease was lost before the refresh ended")
+                return
+
+    async def _give_back(self, user_key: str, key: str, token: str) -> None:
+        try:
+            await self._release(keys=[key], args=[token])
+            await self._client.publish(self.channel(user_key), b"1")
+        except (RedisError, OSError) as exc:
+            # The lease expires by itself; waiters poll its remaining life meanwhile.
+            log.warning("could not release the refresh lease (%s)", type(exc).__name__)
+
+    def _ensure_listener(self) -> None:
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.create_task(self._listen())
+
+    async def _listen(self) -> None:
+        """One pattern subscription per process, fanning wake-ups out to local waiters."""
+        pattern = f"{self._store.prefix}:{{*}}:changed"
+        pubsub: Any = self._client.pubsub()
+        try:
+            await pubsub.psubscribe(pattern)
+            async for message in pubsub.listen():
+                if message.get("type") != "pmessage":
+                    continue
+                channel = message.get("channel", b"")
+                if isinstance(channel, bytes):
+                    channel = channel.decode("utf-8", "replace")
+                user_key = channel.partition("{")[2].partition("}")[0]
+                for event in self._waiters.get(user_key, ()):
+                    event.set()
+        except (RedisError, OSError) as exc:
+            log.info("refresh wake-up channel unavailable (%s); waiters poll", type(exc).__name__)
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()
