@@ -1,4 +1,4 @@
-"""The ``quota-sidecar`` command: run, check-config, demo, mock-quota."""
+"""The ``quota-sidecar`` command: run, check-config, rotate-keys, demo, mock-quota."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from sidecar import __version__
 from sidecar.config import Config
 from sidecar.config_loader import ConfigError, load_config, masked, resolve_path
 
-COMMANDS = ("run", "check-config", "demo", "mock-quota")
+COMMANDS = ("run", "check-config", "rotate-keys", "demo", "mock-quota")
 
 
 def _add_config_arg(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config", help="validate the config and print it with secrets masked"
     )
     _add_config_arg(check)
+    rotate = sub.add_parser(
+        "rotate-keys",
+        help="re-seal stored tokens under the first of tokens.encryption_keys (Redis stores)",
+    )
+    _add_config_arg(rotate)
+    rotate.add_argument(
+        "--dry-run", action="store_true", help="count what would be re-sealed; change nothing"
+    )
     demo = sub.add_parser(
         "demo", help="Quota emulator + demo app + sidecar on http://localhost:5180, one command"
     )
@@ -81,6 +89,53 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(_serve(config))
 
 
+def rotate_keys(args: argparse.Namespace) -> int:
+    """Exit 0 when done, 1 on a config problem or an unreachable store, 2 for a memory store."""
+    try:
+        config = _load(args.config)
+    except ConfigError as exc:
+        print(f"quota-sidecar: {exc}", file=sys.stderr)
+        return 1
+    if config.tokens.store == "memory":
+        print(
+            "quota-sidecar: rotate-keys works on a shared store (Redis), but tokens.store is "
+            "'memory': those records live inside each running sidecar process, where this "
+            "command cannot reach them (they are re-sealed under the first key as they refresh, "
+            "and lost on restart anyway)",
+            file=sys.stderr,
+        )
+        return 2
+    from sidecar import log
+
+    log.configure(config.log.level, config.log.format)
+    return asyncio.run(_rotate_keys(config, dry_run=args.dry_run))
+
+
+async def _rotate_keys(config: Config, *, dry_run: bool) -> int:
+    from sidecar.errors import StoreUnavailable
+    from sidecar.services import make_sealer
+    from sidecar.tokens.factory import create_store
+    from sidecar.tokens.rotate import rotate_keys as rotate
+
+    sealer = make_sealer(config)
+    try:
+        store = create_store(config.tokens.store, sealer, prefix=config.tokens.key_prefix)
+    except ValueError as exc:  # the message never repeats the URL (it may hold a password)
+        print(f"quota-sidecar: {exc}", file=sys.stderr)
+        return 1
+    try:
+        report = await rotate(store, dry_run=dry_run)
+    except StoreUnavailable as exc:
+        detail = exc.detail or exc.message
+        print(f"quota-sidecar: the token store is unavailable: {detail}", file=sys.stderr)
+        return 1
+    finally:
+        with contextlib.suppress(StoreUnavailable):
+            await store.close()
+    print(f"primary key {sealer.primary_key_id}: {report.summary()}")
+    return 0
+
+
 async def _serve(config: Config) -> int:
     from sidecar.app import Sidecar
     from sidecar.services import open_services
@@ -108,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args.command or "run"
     if command == "check-config":
         return check_config(args)
+    if command == "rotate-keys":
+        return rotate_keys(args)
     if command == "demo":
         from sidecar.demo.runner import main as demo_main
 

@@ -26,6 +26,7 @@ import yaml
 
 from sidecar import config as c
 from sidecar.secret import Secret
+from sidecar.tokens.factory import check_store_spec
 
 DEFAULT_CONFIG_PATH = Path("config/sidecar.yaml")
 GENERIC_ENV_PREFIX = "QUOTA_SIDECAR__"
@@ -295,10 +296,10 @@ def _check(config: c.Config, problems: list[str]) -> None:
         problems.append("identity.max_length: must be between 1 and 4096")
     if not u.identity_probe_path.startswith("/") or u.identity_probe_path.startswith("//"):
         problems.append("upstream.identity_probe_path: must be a path starting with a single '/'")
-    if t.store != "memory" and urlsplit(t.store).scheme not in ("redis", "rediss", "unix"):
-        problems.append(
-            "tokens.store: must be 'memory' or a redis://, rediss:// or unix:// URL (REDIS_URL)"
-        )
+    try:
+        check_store_spec(t.store)
+    except ValueError as exc:
+        problems.append(f"tokens.store: {exc}")
     for i, key in enumerate(t.encryption_keys):
         if decode_key(key) is None:
             problems.append(

@@ -55,10 +55,12 @@ SERVICES = web.AppKey("services", Services)
 
 
 def make_sealer(config: Config) -> Sealer:
+    """The key ring: configured keys first (the first seals), then the key derived from
+    ``session.secret``, which only opens once keys are configured — so moving from the default
+    to explicit keys is a rotation like any other (``rotate-keys`` re-seals under the first)."""
+    derived = derive_key(config.session.secret.reveal().encode(), SEAL_LABEL)
     keys = [k for k in (decode_key(s) for s in config.tokens.encryption_keys) if k is not None]
-    if not keys:
-        keys = [derive_key(config.session.secret.reveal().encode(), SEAL_LABEL)]
-    return Sealer(keys)
+    return Sealer([*keys, derived] if derived not in keys else keys)
 
 
 def _client_session(*, limit: int = 0) -> aiohttp.ClientSession:

@@ -33,10 +33,8 @@ import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from sidecar.errors import RefreshUnavailable, StoreUnavailable
-from sidecar.tokens.redis_store import RedisTokenStore
+from sidecar.tokens.redis_store import REDIS_ERRORS, RedisTokenStore
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +58,7 @@ POLL_INTERVAL_S = 0.5
 def _store_errors(operation: str) -> Iterator[None]:
     try:
         yield
-    except (RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         raise StoreUnavailable(detail=f"redis {operation}: {type(exc).__name__}") from exc
 
 
@@ -160,7 +158,7 @@ class RedisRefreshCoordinator:
             await asyncio.sleep(interval)
             try:
                 renewed = await self._renew(keys=[key], args=[token, self._ttl_ms])
-            except (RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("could not renew the refresh lease (%s); retrying", type(exc).__name__)
                 continue
             if not renewed:
@@ -171,7 +169,7 @@ class RedisRefreshCoordinator:
         try:
             await self._release(keys=[key], args=[token])
             await self._client.publish(self.channel(user_key), b"1")
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             # The lease expires by itself; waiters poll its remaining life meanwhile.
             log.warning("could not release the refresh lease (%s)", type(exc).__name__)
 
@@ -194,8 +192,8 @@ class RedisRefreshCoordinator:
                 user_key = channel.partition("{")[2].partition("}")[0]
                 for event in self._waiters.get(user_key, ()):
                     event.set()
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             log.info("refresh wake-up channel unavailable (%s); waiters poll", type(exc).__name__)
         finally:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_ERRORS):
                 await pubsub.aclose()

@@ -12,17 +12,26 @@ another task interleaving. That is what makes ``compare_and_set`` a real compare
     task A: cas(v1, new)   -> v2  (read + write happen in one step, no await in between)
     task B: cas(v1, new)   -> None (sees v2 != v1; nothing written)
 
-Adding an ``await`` inside any method would break this; keep them synchronous inside.
+Adding an ``await`` inside any method would break this; keep them synchronous inside. The same
+holds for ``reseal``: it reads, re-seals and writes back in one step, so no compare-and-set can
+land in between, and it keeps the version, so one that started before it still succeeds after.
+
+Rotation marks live in a second dict, keyed by user and token fingerprint, each with a deadline
+on ``clock`` (``time.monotonic`` unless a test passes its own); expired marks are dropped
+whenever a new one is added, so the dict holds only the last ``ttl_s`` seconds of refreshes.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import NamedTuple
 
 from sidecar.tokens.crypto import Sealer, SealError
 from sidecar.tokens.model import TokenRecord
+from sidecar.tokens.store import SealState, rotation_fingerprint, seal_state_of
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +62,12 @@ class MemoryTokenStore:
 
     name = "memory"
 
-    def __init__(self, sealer: Sealer) -> None:
+    def __init__(self, sealer: Sealer, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._sealer = sealer
+        self._clock = clock
         self._entries: dict[str, SealedEntry] = {}
+        # (user_key, fingerprint of a spent refresh token) -> deadline on ``clock``
+        self._rotated: dict[tuple[str, str], float] = {}
 
     async def get(self, user_key: str) -> TokenRecord | None:
         entry = self._entries.get(user_key)
@@ -93,6 +105,46 @@ class MemoryTokenStore:
         del self._entries[user_key]
         return True
 
+    async def remember_rotation(self, user_key: str, old_refresh_token: str, ttl_s: float) -> None:
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be a positive number of seconds")
+        now = self._clock()
+        self._rotated = {mark: until for mark, until in self._rotated.items() if until > now}
+        self._rotated[(user_key, rotation_fingerprint(old_refresh_token))] = now + ttl_s
+
+    async def was_rotated(self, user_key: str, refresh_token: str) -> bool:
+        until = self._rotated.get((user_key, rotation_fingerprint(refresh_token)))
+        return until is not None and until > self._clock()
+
+    async def scan_user_keys(self) -> AsyncIterator[str]:
+        for user_key in list(self._entries):  # a snapshot: callers may write while iterating
+            yield user_key
+
+    async def seal_state(self, user_key: str) -> SealState:
+        entry = self._entries.get(user_key)
+        if entry is None:
+            return SealState.ABSENT
+        return seal_state_of(self._sealer, user_key, entry.blob)
+
+    async def reseal(self, user_key: str) -> bool:
+        entry = self._entries.get(user_key)
+        if entry is None:
+            return False
+        try:
+            plaintext = self._sealer.open(user_key, entry.blob)
+        except SealError as exc:
+            logger.warning(
+                "token record for user key %s… does not open, leaving it as is: %s",
+                user_key[:12],
+                exc,
+            )
+            return False
+        if self._sealer.key_id_of(entry.blob) == self._sealer.primary_key_id:
+            return False
+        blob = self._sealer.seal(user_key, plaintext)
+        self._entries[user_key] = SealedEntry(entry.version, blob)  # same version: see above
+        return True
+
     async def ping(self) -> None:
         return None
 
@@ -114,3 +166,7 @@ class MemoryTokenStore:
     def plant_sealed_entry(self, user_key: str, entry: SealedEntry) -> None:
         """Test hook: store ``entry`` under ``user_key`` as is, without sealing anything."""
         self._entries[user_key] = entry
+
+    def rotation_marks(self, user_key: str) -> list[str]:
+        """Test hook: the fingerprints of spent refresh tokens held for ``user_key``."""
+        return [fingerprint for user, fingerprint in self._rotated if user == user_key]

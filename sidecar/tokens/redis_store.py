@@ -2,11 +2,13 @@
 
 Layout, for ``user_key`` (an HMAC of the user id, never the id itself)::
 
-    <prefix>:{<user_key>}:tokens   hash  v = version (decimal), b = sealed blob (bytes)
-    <prefix>:{<user_key>}:lock     the cross-replica refresh lock (owned by the refresh logic)
+    <prefix>:{<user_key>}:tokens             hash  v = version (decimal), b = sealed blob (bytes)
+    <prefix>:{<user_key>}:lock               the cross-replica refresh lock (the refresh logic's)
+    <prefix>:{<user_key>}:rotated:<sha256>   "1", expiring: a refresh token spent lately
 
-The braces are a Redis Cluster hash tag: both keys of a user land in the same slot, so scripts
-that touch them stay legal on a cluster.
+The braces are a Redis Cluster hash tag: every key of a user lands in the same slot, and every
+script here takes exactly one key, so the same code runs on a standalone server, behind
+Sentinel, and on a cluster (``client`` is a ``Redis`` or a ``RedisCluster``).
 
 Compare-and-set runs as a Lua script so the read of ``v`` and the write are one step on the
 server. Without it, two replicas refreshing the same user would race::
@@ -18,7 +20,18 @@ server. Without it, two replicas refreshing the same user would race::
 
 With the script, B's write finds ``v2 != v1`` and changes nothing.
 
-Errors: every ``RedisError`` and ``OSError`` (refused, timed out, cluster down, auth…) becomes
+Re-sealing (key rotation) is a compare-and-set too, but it keeps ``v``: it stores the same
+tokens under the primary key, and must not fail a refresh that is already in flight::
+
+    replica A:   (holds the lock) HGET v -> v1, calls Quota …
+    rotate-keys: HMGET v b -> v1, old-key blob; RESEAL(v1, new-key blob) -> b replaced, v = v1
+    replica A:   CAS(v1 -> v2) ✓  (had re-sealing bumped v, A's new tokens would be lost)
+
+and if the refresh lands first, the re-seal finds ``v2 != v1`` and writes nothing (the refresh
+already sealed under the primary key).
+
+Errors: every ``RedisError``, ``RedisClusterException`` (which redis-py does not derive from
+``RedisError``: "cluster cannot be connected", "slot not covered") and ``OSError`` becomes
 ``StoreUnavailable`` here, with the exception's class and message as operator detail. On that
 path nothing is deleted or changed by this store; callers keep what they had.
 """
@@ -26,22 +39,42 @@ path nothing is deleted or changed by this store; callers keep what they had.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeAlias
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-from redis.typing import EncodableT, FieldT
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisClusterException, RedisError
 
 from sidecar.errors import StoreUnavailable
 from sidecar.tokens.crypto import Sealer, SealError
 from sidecar.tokens.model import TokenRecord
+from sidecar.tokens.store import SealState, rotation_fingerprint, seal_state_of
 
 logger = logging.getLogger(__name__)
 
+RedisClient: TypeAlias = aioredis.Redis | aioredis.RedisCluster
+# Everything a Redis client of any topology raises when Redis cannot serve (see the docstring).
+REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError)
+
+SCAN_COUNT = 500  # keys per SCAN round trip: few round trips, no long server pauses
 _VERSION_BITS = 63  # fits Redis's and Lua's integer handling as a decimal string
 _DETAIL_MAX_CHARS = 300
+_GLOB_SPECIALS = re.compile(r"([\\*?\[\]])")
+
+# KEYS[1] = tokens key; ARGV = new version, blob, ttl in ms (0 = none). A script, so that the
+# write and its expiry are one step, done the same way on every topology.
+_PUT = """
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'b', ARGV[2])
+local ttl_ms = tonumber(ARGV[3])
+if ttl_ms > 0 then
+  redis.call('PEXPIRE', KEYS[1], ttl_ms)
+end
+return 1
+"""
 
 # KEYS[1] = tokens key; ARGV = expected version, new version, blob, ttl in ms (0 = none).
 # HGET on a missing key gives false, which never equals the expected string: no resurrection.
@@ -65,6 +98,16 @@ end
 return redis.call('DEL', KEYS[1])
 """
 
+# KEYS[1] = tokens key; ARGV = expected version, the same payload sealed under the primary key.
+# Only ``b`` changes: the version (and any expiry) stay, see the module docstring.
+_RESEAL = """
+if redis.call('HGET', KEYS[1], 'v') ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'b', ARGV[2])
+return 1
+"""
+
 
 def _new_version(avoid: int | None = None) -> int:
     """A random non-zero version; random so a delete then a put never repeats an old one."""
@@ -79,37 +122,48 @@ def _unavailable_on_error(operation: str) -> Iterator[None]:
     """Translate Redis and socket failures into ``StoreUnavailable`` (the store's boundary)."""
     try:
         yield
-    except (RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         # redis-py's messages name the host and the failure, never the password.
         detail = f"redis {operation}: {type(exc).__name__}: {exc}"[:_DETAIL_MAX_CHARS]
         raise StoreUnavailable(detail=detail) from exc
 
 
 class RedisTokenStore:
-    """``TokenStore`` on a Redis server (standalone or through any redis-py asyncio client)."""
+    """``TokenStore`` on Redis: standalone, Sentinel-managed or Cluster (any asyncio client)."""
 
     name = "redis"
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         sealer: Sealer,
         *,
         prefix: str = "quota-sidecar",
         record_ttl_s: int | None = None,
+        on_close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """``on_close`` releases what the client depends on but does not own (Sentinel's own
+        connections to the sentinels); it runs after the client is closed."""
         if record_ttl_s is not None and record_ttl_s <= 0:
             raise ValueError("record_ttl_s must be a positive number of seconds, or None")
         self._client = client
         self._sealer = sealer
         self._prefix = prefix
         self._ttl_ms = 0 if record_ttl_s is None else record_ttl_s * 1000
+        self._on_close = on_close
         # Registering computes the SHA only; the script is loaded on first use (no I/O here).
-        self._cas = client.register_script(_COMPARE_AND_SET)
-        self._cad = client.register_script(_COMPARE_AND_DELETE)
+        # redis-py's AsyncScript works on both clients: EVALSHA routes by the key on a cluster,
+        # and on NOSCRIPT it loads the script (on every primary) and retries once.
+        self._put = self._script(_PUT)
+        self._cas = self._script(_COMPARE_AND_SET)
+        self._cad = self._script(_COMPARE_AND_DELETE)
+        self._reseal = self._script(_RESEAL)
+
+    def _script(self, source: str) -> AsyncScript:
+        return self._client.register_script(source)
 
     @property
-    def client(self) -> aioredis.Redis:
+    def client(self) -> RedisClient:
         """The Redis client, shared with the refresh lock (same server, same failure modes)."""
         return self._client
 
@@ -123,37 +177,27 @@ class RedisTokenStore:
     def lock_key(self, user_key: str) -> str:
         return f"{self._prefix}:{{{user_key}}}:lock"
 
+    def rotated_key(self, user_key: str, refresh_token: str) -> str:
+        return f"{self._prefix}:{{{user_key}}}:rotated:{rotation_fingerprint(refresh_token)}"
+
     async def get(self, user_key: str) -> TokenRecord | None:
-        with _unavailable_on_error("get"):
-            raw_version, blob = await self._client.hmget(self.tokens_key(user_key), ["v", "b"])
-        if raw_version is None or blob is None:
-            return None
         try:
-            if not isinstance(blob, bytes):
-                raise SealError("stored blob is text; the client must not decode responses")
-            version = _parse_version(raw_version)
+            stored = await self._read(user_key, "get")
+            if stored is None:
+                return None
+            version, blob = stored
             return self._sealer.open_record(user_key, blob, version=version)
         except SealError as exc:
-            logger.warning(
-                "token record for user key %s… does not open, treating it as absent: %s",
-                user_key[:12],
-                exc,
-            )
+            _log_unreadable(user_key, exc, "treating it as absent")
             return None
 
     async def put(self, user_key: str, record: TokenRecord) -> TokenRecord:
         version = _new_version()
         blob = self._sealer.seal_record(user_key, record)
-        key = self.tokens_key(user_key)
-        fields: dict[FieldT, EncodableT] = {"v": str(version), "b": blob}
         with _unavailable_on_error("put"):
-            if self._ttl_ms:
-                async with self._client.pipeline(transaction=True) as pipe:
-                    pipe.hset(key, mapping=fields)
-                    pipe.pexpire(key, self._ttl_ms)
-                    await pipe.execute()
-            else:
-                await self._client.hset(key, mapping=fields)
+            await self._put(
+                keys=[self.tokens_key(user_key)], args=[str(version), blob, self._ttl_ms]
+            )
         return record.with_version(version)
 
     async def compare_and_set(
@@ -171,7 +215,7 @@ class RedisTokenStore:
     async def delete(self, user_key: str) -> bool:
         with _unavailable_on_error("delete"):
             deleted = await self._client.delete(self.tokens_key(user_key))
-        return deleted > 0
+        return int(deleted) > 0
 
     async def compare_and_delete(self, user_key: str, expected_version: int) -> bool:
         with _unavailable_on_error("compare_and_delete"):
@@ -180,13 +224,100 @@ class RedisTokenStore:
             )
         return int(deleted) == 1
 
+    async def remember_rotation(self, user_key: str, old_refresh_token: str, ttl_s: float) -> None:
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be a positive number of seconds")
+        key = self.rotated_key(user_key, old_refresh_token)
+        with _unavailable_on_error("remember_rotation"):
+            await self._client.set(key, b"1", px=max(1, round(ttl_s * 1000)))
+
+    async def was_rotated(self, user_key: str, refresh_token: str) -> bool:
+        with _unavailable_on_error("was_rotated"):
+            found = await self._client.exists(self.rotated_key(user_key, refresh_token))
+        return int(found) > 0
+
+    async def scan_user_keys(self) -> AsyncIterator[str]:
+        head, tail = f"{self._prefix}:{{", "}:tokens"
+        escaped_prefix = _GLOB_SPECIALS.sub(r"\\\1", self._prefix)  # MATCH is a glob
+        pattern = f"{escaped_prefix}:{{*}}:tokens"
+        with _unavailable_on_error("scan"):
+            async for raw in self._scan(pattern):
+                key = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+                user_key = key[len(head) : -len(tail)]
+                if key.startswith(head) and key.endswith(tail) and _is_hash_tag(user_key):
+                    yield user_key
+
+    def _scan(self, pattern: str) -> AsyncIterator[bytes | str]:
+        """SCAN every node that holds data: the server, or each primary of a cluster."""
+        if isinstance(self._client, aioredis.RedisCluster):
+            return self._client.scan_iter(
+                match=pattern, count=SCAN_COUNT, target_nodes=aioredis.RedisCluster.PRIMARIES
+            )
+        return self._client.scan_iter(match=pattern, count=SCAN_COUNT)
+
+    async def seal_state(self, user_key: str) -> SealState:
+        try:
+            stored = await self._read(user_key, "seal_state")
+        except SealError:
+            return SealState.UNREADABLE
+        if stored is None:
+            return SealState.ABSENT
+        return seal_state_of(self._sealer, user_key, stored[1])
+
+    async def reseal(self, user_key: str) -> bool:
+        try:
+            stored = await self._read(user_key, "reseal")
+        except SealError as exc:
+            _log_unreadable(user_key, exc, "leaving it as is")
+            return False
+        if stored is None:
+            return False
+        version, blob = stored
+        try:
+            plaintext = self._sealer.open(user_key, blob)
+        except SealError as exc:
+            _log_unreadable(user_key, exc, "leaving it as is")
+            return False
+        if self._sealer.key_id_of(blob) == self._sealer.primary_key_id:
+            return False
+        resealed = self._sealer.seal(user_key, plaintext)
+        with _unavailable_on_error("reseal"):
+            written = await self._reseal(
+                keys=[self.tokens_key(user_key)], args=[str(version), resealed]
+            )
+        return int(written) == 1
+
     async def ping(self) -> None:
         with _unavailable_on_error("ping"):
             await self._client.ping()
 
     async def close(self) -> None:
         with _unavailable_on_error("close"):
-            await self._client.aclose()
+            try:
+                await self._client.aclose()
+            finally:
+                if self._on_close is not None:
+                    await self._on_close()
+
+    async def _read(self, user_key: str, operation: str) -> tuple[int, bytes] | None:
+        """The stored version and blob, ``None`` if absent; ``SealError`` if malformed."""
+        with _unavailable_on_error(operation):
+            raw_version, blob = await self._client.hmget(self.tokens_key(user_key), ["v", "b"])
+        if raw_version is None or blob is None:
+            return None
+        if not isinstance(blob, bytes):
+            raise SealError("stored blob is text; the client must not decode responses")
+        return _parse_version(raw_version), blob
+
+
+def _is_hash_tag(text: str) -> bool:
+    return bool(text) and "{" not in text and "}" not in text
+
+
+def _log_unreadable(user_key: str, exc: SealError, outcome: str) -> None:
+    logger.warning(
+        "token record for user key %s… does not open, %s: %s", user_key[:12], outcome, exc
+    )
 
 
 def _parse_version(raw: bytes | str) -> int:

@@ -7,22 +7,71 @@ records with the ``Sealer`` they are given, bound to the ``user_key``.
 Every method raises ``sidecar.errors.StoreUnavailable`` when the backend cannot be reached; it
 never deletes or changes anything on that path. A record that no longer opens (wrong key,
 tampered, copied from another user) is treated as absent by ``get`` and logged.
+
+Besides the records, a store keeps two small things for the refresh logic and for operators:
+
+* Rotation marks (``remember_rotation`` / ``was_rotated``): for a short while after a refresh,
+  the fingerprint of the refresh token it spent. A request that read the record just before the
+  refresh landed asks first, and re-reads instead of sending a spent token to Quota::
+
+      request A: get → v1 (refresh token r1)      request B: get → v1 (r1)
+      request A: refresh with r1 → r2, CAS v1→v2, remember_rotation(r1)
+                                                  request B: was_rotated(r1) → True: re-read v2
+
+  Only a SHA-256 fingerprint of the token is kept (``rotation_fingerprint``), never the token.
+* Re-sealing (``scan_user_keys``, ``seal_state``, ``reseal``) for key rotation, see
+  ``sidecar.tokens.rotate``.
 """
 
 from __future__ import annotations
 
+import enum
+import hashlib
+from collections.abc import AsyncIterator
 from typing import Protocol, runtime_checkable
 
+from sidecar.tokens.crypto import Sealer, SealError
 from sidecar.tokens.model import TokenRecord
+
+ROTATION_FINGERPRINT_CHARS = 32  # 128 bits of SHA-256: unique per token, reveals nothing
+
+
+def rotation_fingerprint(refresh_token: str) -> str:
+    """What a store keeps of a spent refresh token: hex SHA-256, cut to 128 bits."""
+    digest = hashlib.sha256(refresh_token.encode("utf-8")).hexdigest()
+    return digest[:ROTATION_FINGERPRINT_CHARS]
+
+
+class SealState(enum.Enum):
+    """Which key of the ring a stored record is sealed under, as key rotation sees it."""
+
+    ABSENT = "absent"  # no record (never written, or deleted since it was listed)
+    PRIMARY = "primary"  # sealed under the ring's first key: nothing to do
+    OLDER_KEY = "older_key"  # opens under another key of the ring: ``reseal`` rewrites it
+    UNREADABLE = "unreadable"  # opens under no key of the ring (old key dropped, or tampered)
+
+
+def seal_state_of(sealer: Sealer, user_key: str, blob: bytes) -> SealState:
+    """How ``blob``, stored for ``user_key``, stands against ``sealer``'s ring (for backends)."""
+    try:
+        sealer.open(user_key, blob)
+    except SealError:
+        return SealState.UNREADABLE
+    if sealer.key_id_of(blob) == sealer.primary_key_id:
+        return SealState.PRIMARY
+    return SealState.OLDER_KEY
 
 
 @runtime_checkable
 class TokenStore(Protocol):
     """Compare-and-set storage for one record per user.
 
-    Versions: every successful write gives the record a new ``version`` that this user's key has
-    never had before (not merely ``old + 1``: a delete followed by a put must not recreate an
-    old version, or a refresh that started before a disconnect could write its tokens back).
+    Versions: every write of new tokens gives the record a new ``version`` that this user's key
+    has never had before (not merely ``old + 1``: a delete followed by a put must not recreate
+    an old version, or a refresh that started before a disconnect could write its tokens back).
+    ``reseal`` is the one write that keeps the version: it stores the same tokens under another
+    key, and a refresh in flight on another replica must still be able to compare-and-set
+    against the version it read.
     """
 
     name: str
@@ -51,6 +100,38 @@ class TokenStore(Protocol):
 
     async def compare_and_delete(self, user_key: str, expected_version: int) -> bool:
         """Delete only if the stored version is ``expected_version``. True if deleted."""
+        ...
+
+    async def remember_rotation(self, user_key: str, old_refresh_token: str, ttl_s: float) -> None:
+        """Note for ``ttl_s`` seconds that ``old_refresh_token`` was spent by a refresh.
+
+        Only its ``rotation_fingerprint`` is stored. ``ttl_s`` must be positive.
+        """
+        ...
+
+    async def was_rotated(self, user_key: str, refresh_token: str) -> bool:
+        """True if a refresh spent ``refresh_token`` within the ttl it was remembered for."""
+        ...
+
+    def scan_user_keys(self) -> AsyncIterator[str]:
+        """Every ``user_key`` with a stored record, in no particular order.
+
+        Safe while the store serves traffic. Like Redis's ``SCAN``, a user written or deleted
+        during the scan may or may not appear, and one may appear twice: callers are idempotent.
+        """
+        ...
+
+    async def seal_state(self, user_key: str) -> SealState:
+        """Which key seals the stored record (it is opened to tell ``UNREADABLE`` apart)."""
+        ...
+
+    async def reseal(self, user_key: str) -> bool:
+        """Re-seal the record under the primary key if it is sealed under another key.
+
+        Written only if the version is unchanged since it was read, and the version is kept.
+        True if rewritten; False if already under the primary key, absent, changed meanwhile,
+        or unreadable (left as is, and logged).
+        """
         ...
 
     async def ping(self) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from tests.integration.conftest import free_port
 
-COMMANDS = ["run", "check-config", "demo", "mock-quota"]
+COMMANDS = ["run", "check-config", "demo", "mock-quota", "rotate-keys"]
 
 
 @pytest.mark.parametrize("command", [[], *[[c] for c in COMMANDS]])

@@ -1,8 +1,8 @@
-"""The token store contract, run against every backend: memory, and Redis on a real server.
+"""The token store contract, run against every backend: memory, Redis, and a Redis Cluster.
 
-Plus what only Redis can do wrong: be down, and come back. Those tests reach Redis through a
-small TCP proxy that the test stops and restarts, so a real server sits behind a real socket
-that really breaks.
+Redis and the cluster are real servers (see ``tests/conftest.py``). Plus what only Redis can do
+wrong: be down, and come back. Those tests reach Redis through a small TCP proxy that the test
+stops and restarts, so a real server sits behind a real socket that really breaks.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import asyncio
 import logging
 import secrets
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -23,10 +24,12 @@ from sidecar.tokens.crypto import Sealer
 from sidecar.tokens.factory import create_store
 from sidecar.tokens.memory import MemoryTokenStore
 from sidecar.tokens.model import TokenRecord
-from sidecar.tokens.redis_store import RedisTokenStore
-from sidecar.tokens.store import TokenStore
+from sidecar.tokens.redis_store import RedisClient, RedisTokenStore
+from sidecar.tokens.store import SealState, TokenStore
 
 MakeSealer = Callable[..., Sealer]
+GRACE_TTL_S = 0.2  # short enough to wait out in a test
+GRACE_WAIT_S = 3.0  # bound on waiting for it to lapse (Redis expires keys lazily + every 100 ms)
 
 
 def make_record(**overrides: object) -> TokenRecord:
@@ -51,11 +54,17 @@ class Backend:
 
     store: TokenStore
     copy_sealed: Callable[[str, str], Awaitable[None]]  # (from user_key, to user_key)
-    raw_bytes: Callable[[str], Awaitable[bytes]]  # everything stored for a user_key
+    raw_bytes: Callable[[str], Awaitable[bytes]]  # the tokens record of a user_key, as stored
+    raw_blob: Callable[[str], Awaitable[bytes]]  # the sealed blob alone
+    raw_rotation_marks: Callable[[str], Awaitable[bytes]]  # every rotation mark of a user_key
+    # A second store over the same records, sealing and opening with another key ring.
+    with_ring: Callable[[Sealer], Awaitable[TokenStore]]
+    opened: list[TokenStore] = field(default_factory=list)
 
 
 async def memory_backend(sealer: Sealer) -> Backend:
     store = MemoryTokenStore(sealer)
+    built: Backend
 
     async def copy_sealed(source: str, target: str) -> None:
         entry = store.sealed_entry(source)
@@ -67,14 +76,37 @@ async def memory_backend(sealer: Sealer) -> Backend:
         assert entry is not None
         return str(entry.version).encode() + entry.blob
 
-    return Backend(store, copy_sealed, raw_bytes)
+    async def raw_blob(user_key: str) -> bytes:
+        entry = store.sealed_entry(user_key)
+        assert entry is not None
+        return entry.blob
+
+    async def raw_rotation_marks(user_key: str) -> bytes:
+        return " ".join(store.rotation_marks(user_key)).encode()
+
+    async def with_ring(other: Sealer) -> TokenStore:
+        # Memory is not shared between stores: the entries of the latest store move to the new
+        # one, and the test goes on with the new one.
+        latest = built.opened[-1] if built.opened else store
+        assert isinstance(latest, MemoryTokenStore)
+        moved = MemoryTokenStore(other)
+        async for user_key in latest.scan_user_keys():
+            entry = latest.sealed_entry(user_key)
+            assert entry is not None
+            moved.plant_sealed_entry(user_key, entry)
+        built.opened.append(moved)
+        return moved
+
+    built = Backend(store, copy_sealed, raw_bytes, raw_blob, raw_rotation_marks, with_ring)
+    return built
 
 
 async def redis_backend(
-    sealer: Sealer, redis_url: str, prefix: str, client: aioredis.Redis
+    sealer: Sealer, redis_url: str, prefix: str, client: RedisClient
 ) -> Backend:
     store = create_store(redis_url, sealer, prefix=prefix)
     assert isinstance(store, RedisTokenStore)
+    built: Backend
 
     async def copy_sealed(source: str, target: str) -> None:
         fields = await client.hgetall(store.tokens_key(source))
@@ -88,17 +120,38 @@ async def redis_backend(
         assert set(fields) == {b"v", b"b"}
         return b"".join(v if isinstance(v, bytes) else v.encode() for v in fields.values())
 
-    return Backend(store, copy_sealed, raw_bytes)
+    async def raw_blob(user_key: str) -> bytes:
+        blob = await client.hget(store.tokens_key(user_key), "b")
+        assert isinstance(blob, bytes)
+        return blob
+
+    async def raw_rotation_marks(user_key: str) -> bytes:
+        pattern = f"{prefix}:{{{user_key}}}:rotated:*"
+        if isinstance(client, aioredis.RedisCluster):
+            scan = client.scan_iter(match=pattern, target_nodes=aioredis.RedisCluster.PRIMARIES)
+        else:
+            scan = client.scan_iter(match=pattern)
+        keys = [key async for key in scan]
+        values = [await client.get(key) for key in keys]
+        return b" ".join([*keys, *(value or b"" for value in values)])
+
+    async def with_ring(other: Sealer) -> TokenStore:
+        reopened = create_store(redis_url, other, prefix=prefix)
+        built.opened.append(reopened)
+        return reopened
+
+    built = Backend(store, copy_sealed, raw_bytes, raw_blob, raw_rotation_marks, with_ring)
+    return built
 
 
 @dataclass
 class RedisFixtures:
     url: str
     prefix: str
-    client: aioredis.Redis
+    client: RedisClient
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 def backend_kind(request: pytest.FixtureRequest) -> RedisFixtures | None:
     """``None`` for memory; the Redis fixtures for Redis (asked for only when needed).
 
@@ -106,6 +159,12 @@ def backend_kind(request: pytest.FixtureRequest) -> RedisFixtures | None:
     """
     if request.param == "memory":
         return None
+    if request.param == "redis-cluster":
+        return RedisFixtures(
+            request.getfixturevalue("redis_cluster_url"),
+            request.getfixturevalue("redis_cluster_prefix"),
+            request.getfixturevalue("redis_cluster_client"),
+        )
     return RedisFixtures(
         request.getfixturevalue("redis_url"),
         request.getfixturevalue("redis_prefix"),
@@ -126,7 +185,8 @@ async def backend(
     try:
         yield built
     finally:
-        await built.store.close()
+        for store in [built.store, *built.opened]:
+            await store.close()
 
 
 # --- the contract -------------------------------------------------------------------------------
@@ -270,6 +330,159 @@ async def test_only_one_of_twenty_concurrent_compare_and_sets_wins(backend: Back
 
 async def test_ping_answers_when_the_store_is_up(backend: Backend) -> None:
     await backend.store.ping()
+
+
+# --- rotation marks: the grace record of a spent refresh token -----------------------------------
+
+
+async def test_was_rotated_is_true_for_a_refresh_token_remembered_as_rotated(
+    backend: Backend,
+) -> None:
+    store, user = backend.store, new_user_key()
+    await store.remember_rotation(user, "rt-spent", ttl_s=60)
+    assert await store.was_rotated(user, "rt-spent") is True
+
+
+async def test_was_rotated_is_false_for_another_token_or_another_user(backend: Backend) -> None:
+    store, user, other = backend.store, new_user_key(), new_user_key()
+    assert await store.was_rotated(user, "rt-never-seen") is False
+    await store.remember_rotation(user, "rt-spent", ttl_s=60)
+    assert await store.was_rotated(user, "rt-spent-not") is False
+    assert await store.was_rotated(other, "rt-spent") is False
+
+
+async def test_a_rotation_mark_lapses_after_its_ttl(backend: Backend) -> None:
+    store, user = backend.store, new_user_key()
+    started = time.monotonic()
+    await store.remember_rotation(user, "rt-spent", ttl_s=GRACE_TTL_S)
+    assert await store.was_rotated(user, "rt-spent") is True
+    while await store.was_rotated(user, "rt-spent"):
+        assert time.monotonic() - started < GRACE_WAIT_S, f"still there {GRACE_WAIT_S} s later"
+        await asyncio.sleep(0.05)
+    assert time.monotonic() - started >= GRACE_TTL_S, "not before its ttl"
+
+
+async def test_a_rotation_mark_holds_no_token_text(backend: Backend) -> None:
+    store, user = backend.store, new_user_key()
+    token = "rt-" + secrets.token_urlsafe(24)
+    await store.remember_rotation(user, token, ttl_s=60)
+    raw = await backend.raw_rotation_marks(user)
+    assert raw, "the mark is stored"
+    assert token.encode() not in raw
+    assert token[3:].encode() not in raw
+
+
+async def test_a_rotation_mark_leaves_the_record_alone(backend: Backend) -> None:
+    store, user = backend.store, new_user_key()
+    written = await store.put(user, make_record())
+    await store.remember_rotation(user, written.refresh_token, ttl_s=60)
+    assert await store.get(user) == written
+    assert [key async for key in store.scan_user_keys()] == [user]
+
+
+# --- listing and re-sealing, for key rotation ---------------------------------------------------
+
+
+async def test_scan_user_keys_lists_every_user_with_a_record_and_no_one_else(
+    backend: Backend,
+) -> None:
+    store = backend.store
+    users = {new_user_key() for _ in range(5)}
+    for user in users:
+        await store.put(user, make_record())
+    gone = new_user_key()
+    await store.put(gone, make_record())
+    await store.delete(gone)
+    await store.remember_rotation(new_user_key(), "rt-spent", ttl_s=60)  # marks are not records
+
+    assert {key async for key in store.scan_user_keys()} == users
+
+
+async def test_seal_state_tells_primary_older_unreadable_and_absent_apart(
+    backend: Backend, make_sealer: MakeSealer
+) -> None:
+    old_key, new_key = secrets.token_bytes(32), secrets.token_bytes(32)
+    under_old, under_new = new_user_key(), new_user_key()
+    await (await backend.with_ring(make_sealer([old_key]))).put(under_old, make_record())
+    store = await backend.with_ring(make_sealer([new_key, old_key]))
+    await store.put(under_new, make_record())
+
+    assert await store.seal_state(under_old) is SealState.OLDER_KEY
+    assert await store.seal_state(under_new) is SealState.PRIMARY
+    assert await store.seal_state(new_user_key()) is SealState.ABSENT
+    new_key_only = await backend.with_ring(make_sealer([new_key]))
+    assert await new_key_only.seal_state(under_old) is SealState.UNREADABLE
+
+
+async def test_reseal_moves_a_record_to_the_primary_key_and_keeps_its_version(
+    backend: Backend, make_sealer: MakeSealer
+) -> None:
+    old_key, new_key = secrets.token_bytes(32), secrets.token_bytes(32)
+    old_sealer, ring = make_sealer([old_key]), make_sealer([new_key, old_key])
+    user = new_user_key()
+    old_store = await backend.with_ring(old_sealer)
+    written = await old_store.put(user, make_record())
+    store = await backend.with_ring(ring)
+    assert await store.get(user) == written, "the ring [new, old] opens the old key's records"
+
+    assert await store.reseal(user) is True
+
+    assert ring.key_id_of(await raw_blob_of(backend, store, user)) == ring.primary_key_id
+    reopened = await backend.with_ring(make_sealer([new_key]))
+    assert await reopened.get(user) == written, "same tokens, same version, new key only"
+    assert await store.reseal(user) is False, "already under the primary key"
+
+
+async def test_a_compare_and_set_against_the_version_read_before_a_reseal_still_wins(
+    backend: Backend, make_sealer: MakeSealer
+) -> None:
+    old_key, new_key = secrets.token_bytes(32), secrets.token_bytes(32)
+    user = new_user_key()
+    await (await backend.with_ring(make_sealer([old_key]))).put(user, make_record())
+    store = await backend.with_ring(make_sealer([new_key, old_key]))
+    read_by_a_refresh = await store.get(user)
+    assert read_by_a_refresh is not None
+
+    assert await store.reseal(user) is True
+    refreshed = make_record(access_token="at-after-refresh")
+    written = await store.compare_and_set(user, read_by_a_refresh.version, refreshed)
+
+    assert written is not None
+    assert await store.get(user) == written
+
+
+async def test_reseal_leaves_a_record_that_does_not_open_and_logs_it(
+    backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    store, victim, attacker = backend.store, new_user_key(), new_user_key()
+    record = make_record()
+    await store.put(victim, record)
+    await backend.copy_sealed(victim, attacker)
+    before = await backend.raw_bytes(attacker)
+
+    with caplog.at_level(logging.WARNING):
+        assert await store.reseal(attacker) is False
+
+    assert await backend.raw_bytes(attacker) == before
+    warnings = [entry.getMessage() for entry in caplog.records if entry.levelno == logging.WARNING]
+    assert warnings, "an unopenable record is logged"
+    assert all(record.refresh_token not in message for message in warnings)
+    assert await store.seal_state(attacker) is SealState.UNREADABLE
+
+
+async def test_reseal_of_a_user_with_no_record_writes_nothing(backend: Backend) -> None:
+    user = new_user_key()
+    assert await backend.store.reseal(user) is False
+    assert await backend.store.get(user) is None
+
+
+async def raw_blob_of(backend: Backend, store: TokenStore, user_key: str) -> bytes:
+    """The stored blob, read where ``store`` keeps it (memory stores do not share entries)."""
+    if isinstance(store, MemoryTokenStore):
+        entry = store.sealed_entry(user_key)
+        assert entry is not None
+        return entry.blob
+    return await backend.raw_blob(user_key)
 
 
 # --- Redis down, and back ----------------------------------------------------------------------

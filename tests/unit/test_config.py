@@ -106,7 +106,7 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
             "listen.internal: binds to 0.0.0.0, off loopback",
         ),
         ({"listen": {"public": "8080"}}, "listen.public: must be host:port"),
-        ({"tokens": {"store": "mysql://x"}}, "tokens.store: must be 'memory' or a redis://"),
+        ({"tokens": {"store": "mysql://x"}}, "tokens.store: token store: got a mysql:// URL; expected 'memory'"),
         ({"tokens": {"encryption_keys": ["short"]}}, "tokens.encryption_keys[0]: must be 32 bytes"),
         ({"tokens": {"refresh_skew_s": "soon"}}, "tokens.refresh_skew_s: must be a number"),
         (
