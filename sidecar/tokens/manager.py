@@ -29,12 +29,21 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
-from sidecar.errors import QuotaUnavailable, RefreshUnavailable, WalletNotConnected
+from sidecar.errors import (
+    QuotaUnavailable,
+    RefreshUnavailable,
+    StoreUnavailable,
+    WalletNotConnected,
+)
 from sidecar.oauth import QuotaClient, QuotaOAuthError
 from sidecar.tokens.model import TokenRecord
 from sidecar.tokens.store import TokenStore
 
 log = logging.getLogger(__name__)
+
+# How long a rotated refresh token is remembered, so a request that raced in late re-reads
+# instead of presenting the spent token to Quota.
+GRACE_S = 60.0
 
 
 class RefreshCoordinator(Protocol):
@@ -133,6 +142,14 @@ class TokenManager:
             return await self._rotate(user_key, record)
 
     async def _rotate(self, user_key: str, record: TokenRecord) -> TokenRecord:
+        if await self.store.was_rotated(user_key, record.refresh_token):
+            # This refresh token was spent moments ago (grace record), yet it is what we read:
+            # use the pair that replaced it rather than present a spent token to Quota.
+            current = await self.store.get(user_key)
+            if current is not None and current.refresh_token != record.refresh_token:
+                log.info("refresh skipped: the token was already rotated (grace record)")
+                return current
+            raise RefreshUnavailable(detail="refresh token already rotated; new record not visible")
         try:
             fresh = await self._quota.refresh(record.refresh_token)
         except QuotaOAuthError as exc:
@@ -154,6 +171,10 @@ class TokenManager:
 
         written = await self.store.compare_and_set(user_key, record.version, fresh)
         if written is not None:
+            try:
+                await self.store.remember_rotation(user_key, record.refresh_token, GRACE_S)
+            except StoreUnavailable:
+                log.warning("could not write the grace record of a rotation; the record is saved")
             return written
         # The record changed under us: a disconnect (or a new connect) won. Do not resurrect.
         await self._revoke_quietly(fresh.refresh_token, reason="record changed during refresh")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -226,3 +227,41 @@ async def test_a_second_401_after_the_replay_passes_through_without_a_loop(stack
     assert resp.status == 401
     assert stack.quota.counters["chat.completions"] == 2
     assert stack.quota.counters["token.refresh_token"] == 1
+
+
+class StaleOnce:
+    """A store whose next ``get`` answers an old record, as a lagging read would."""
+
+    def __init__(self, real: Any, stale: Any, reads: int) -> None:
+        self._real, self._stale, self._reads = real, stale, reads
+
+    async def get(self, user_key: str) -> Any:
+        if self._reads > 0:
+            self._reads -= 1
+            return self._stale
+        return await self._real.get(user_key)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+async def test_a_late_request_holding_a_rotated_token_uses_the_new_pair_not_quota(
+    stack: Stack,
+) -> None:
+    await stack.connect("alice")
+    await expire_soon(stack)
+    old = await stack.store.get(stack.user_key("alice"))
+    assert (await stack.chat("alice")).status == 200  # rotates: grace record for old's token
+    assert stack.quota.counters["token.refresh_token"] == 1
+    new = await stack.store.get(stack.user_key("alice"))
+    assert old is not None
+    assert new is not None
+    manager = stack.services.tokens
+    manager.store = StaleOnce(stack.store, old, reads=2)  # type: ignore[assignment]
+    try:
+        got = await manager.fresh(stack.user_key("alice"))
+    finally:
+        manager.store = stack.store
+    assert got.refresh_token == new.refresh_token
+    assert stack.quota.counters["token.refresh_token"] == 1  # no spent token sent to Quota
+    assert stack.quota.counters["token.refresh_reuse"] == 0
