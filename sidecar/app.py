@@ -22,7 +22,7 @@ from sidecar.config_loader import split_host_port
 from sidecar.errors import InvalidApiKey, MethodNotAllowed, NotFound
 from sidecar.forwarding import quota as quota_forward
 from sidecar.forwarding import upstream
-from sidecar.pending import PENDING_STORAGE, PendingCookieStorage
+from sidecar.pending import PENDING_COOKIES, PendingCookies
 from sidecar.routes import backend, browser
 from sidecar.services import SERVICES, Services
 
@@ -47,7 +47,7 @@ def create_public_app(services: Services) -> web.Application:
     )
     app[SERVICES] = services
     app[LISTENER] = "public"
-    app[PENDING_STORAGE] = PendingCookieStorage(
+    app[PENDING_COOKIES] = PendingCookies(
         services.cookie_key, services.config.session, services.trusted_proxies
     )
     app.on_response_prepare.append(middleware.add_request_id_header)
@@ -58,14 +58,22 @@ def create_public_app(services: Services) -> web.Application:
 
 
 def internal_key_guard(services: Services) -> Callable[..., object]:
+    """With ``identity.internal_api_key`` set, every internal call must carry it.
+
+    Accepted as ``Authorization: Bearer <key>`` (OpenAI SDKs' ``api_key``) or ``x-api-key``
+    (Anthropic SDKs' ``api_key``); compared in constant time.
+    """
     key = services.config.identity.internal_api_key
-    expected = f"Bearer {key.reveal()}".encode() if key is not None else None
+    expected = key.reveal().encode() if key is not None else None
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         if expected is not None:
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
+            auth = request.headers.get("Authorization", "")
+            given = (
+                auth[7:] if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
+            )
+            if not hmac.compare_digest(given.encode(), expected):
                 raise InvalidApiKey
         return await handler(request)
 

@@ -77,6 +77,7 @@ class StubUpstream:
     app: web.Application
     requests: list[Recorded] = field(default_factory=list)
     probe_calls: int = 0
+    ws_close_codes: list[int | None] = field(default_factory=list)
 
 
 def create_stub_upstream(identity_header: str = "X-Quota-User") -> StubUpstream:
@@ -105,7 +106,32 @@ def create_stub_upstream(identity_header: str = "X-Quota-User") -> StubUpstream:
             headers={"X-Stub": "yes"},
         )
 
+    async def websocket(request: web.Request) -> web.WebSocketResponse:
+        """Echo; "close:<code>" makes the upstream close with that code."""
+        stub.requests.append(
+            Recorded(
+                "WS", request.path_qs, {k: request.headers.getall(k) for k in request.headers}, b""
+            )
+        )
+        ws = web.WebSocketResponse(protocols=("chat.v1",))
+        await ws.prepare(request)
+        while True:
+            msg = await ws.receive()
+            if msg.type is aiohttp.WSMsgType.TEXT and msg.data.startswith("close:"):
+                await ws.close(code=int(msg.data[6:]))
+            elif msg.type is aiohttp.WSMsgType.TEXT:
+                await ws.send_str(f"echo:{msg.data}")
+            elif msg.type is aiohttp.WSMsgType.BINARY:
+                await ws.send_bytes(b"echo:" + msg.data)
+            elif msg.type is aiohttp.WSMsgType.CLOSE:
+                stub.ws_close_codes.append(msg.data)  # the code the peer closed with
+                break
+            elif msg.type in (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+                break
+        return ws
+
     app.router.add_get("/quota/whoami", whoami)
+    app.router.add_get("/ws", websocket)
     app.router.add_route("*", "/{tail:.*}", echo)
     return stub
 

@@ -19,12 +19,16 @@ from yarl import URL
 from sidecar.errors import InvalidPath, QuotaUnavailable
 from sidecar.forwarding.headers import FORWARDED, filter_headers
 from sidecar.forwarding.stream import replayable_body, send, stream_back
+from sidecar.forwarding.websocket import HANDSHAKE, is_upgrade, relay_websocket
 from sidecar.identity import header_identity
 from sidecar.services import SERVICES, Services
 
 PREFIXES = ("/v1/", "/v1beta/")
-# Headers from the host app that never reach Quota: credentials are ours to set.
-_DROP = ("authorization", "cookie", "host", "content-length", *FORWARDED)
+# Headers from the host app that never reach Quota: credentials are ours to set. SDKs put
+# their api_key in these (OpenAI: Authorization, Anthropic: x-api-key, Gemini: x-goog-api-key),
+# and Quota bills whatever credential it is shown.
+CREDENTIAL_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "api-key")
+_DROP = (*CREDENTIAL_HEADERS, "cookie", "host", "content-length", *FORWARDED)
 _ENCODED_SEPARATOR = re.compile(r"%(2f|5c)", re.IGNORECASE)
 
 
@@ -72,6 +76,18 @@ async def forward(request: web.Request) -> web.StreamResponse:
     )
     record = await services.tokens.fresh(user_key)
     cfg = services.config.quota
+    if is_upgrade(request):  # e.g. the realtime voice route
+        headers = outgoing_headers(request, services, record.access_token)
+        for name in HANDSHAKE:
+            headers.popall(name, None)
+        return await relay_websocket(
+            request,
+            services.quota_http,
+            url,
+            headers,
+            connect_timeout_s=cfg.connect_timeout_s,
+            unavailable=QuotaUnavailable,
+        )
     body, replayable = await replayable_body(request, cfg.replay_max_bytes)
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=cfg.connect_timeout_s, sock_read=cfg.stream_idle_timeout_s

@@ -16,6 +16,7 @@ from yarl import URL
 from sidecar.errors import UpstreamUnavailable
 from sidecar.forwarding.headers import FORWARDED, add_forwarded, filter_headers, strip_cookie
 from sidecar.forwarding.stream import relay, request_body
+from sidecar.forwarding.websocket import HANDSHAKE, is_upgrade, relay_websocket
 from sidecar.services import SERVICES, Services
 
 
@@ -43,6 +44,18 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         raw = "/" + raw
     query = request.rel_url.raw_query_string
     url = URL(cfg.url.rstrip("/") + raw + (f"?{query}" if query else ""), encoded=True)
+    if is_upgrade(request):
+        headers = upstream_headers(request, services)
+        for name in HANDSHAKE:
+            headers.popall(name, None)
+        return await relay_websocket(
+            request,
+            services.upstream_http,
+            url,
+            headers,
+            connect_timeout_s=cfg.connect_timeout_s,
+            unavailable=UpstreamUnavailable,
+        )
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=cfg.connect_timeout_s, sock_read=cfg.idle_timeout_s
     )

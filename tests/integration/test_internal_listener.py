@@ -131,12 +131,14 @@ async def test_stream_chunks_arrive_as_quota_sends_them_and_bytes_are_identical(
             headers={"Authorization": f"Bearer {direct_token}"},
         )
         direct_body = await d.read()
+
     def strip(b):
-        return ([
-                {k: v for k, v in json.loads(e[6:]).items() if k not in ("id", "created", "quota")}
-                for e in b.decode().split("\n\n")
-                if e.startswith("data: {")
-            ])
+        return [
+            {k: v for k, v in json.loads(e[6:]).items() if k not in ("id", "created", "quota")}
+            for e in b.decode().split("\n\n")
+            if e.startswith("data: {")
+        ]
+
     assert strip(received) == strip(direct_body)
 
 
@@ -211,3 +213,57 @@ async def test_backend_status_and_disconnect_by_header(stack: Stack) -> None:
     assert stack.quota.counters["revoke"] == 1
     resp = await stack.chat("alice")
     assert resp.status == 401
+
+
+INTERNAL_KEY = "k" * 40
+
+
+@pytest.mark.parametrize("config_overrides", [{"identity": {"internal_api_key": INTERNAL_KEY}}])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Basic {INTERNAL_KEY}"},
+        {"x-api-key": INTERNAL_KEY[:-1]},
+        {"Authorization": f"Bearer {INTERNAL_KEY}x"},
+    ],
+)
+async def test_the_internal_api_key_is_required_when_configured(
+    stack: Stack, headers: dict[str, str]
+) -> None:
+    await stack.connect("alice")
+    resp = await stack.backend.get(
+        f"{stack.internal_url}/v1/models", headers={"X-Quota-User": "alice", **headers}
+    )
+    assert resp.status == 401
+    assert (await resp.json())["error"]["code"] == "invalid_api_key"
+    assert not [r for r in stack.quota.requests if r.path == "/v1/models"]
+
+
+@pytest.mark.parametrize("config_overrides", [{"identity": {"internal_api_key": INTERNAL_KEY}}])
+@pytest.mark.parametrize(
+    "headers", [{"Authorization": f"Bearer {INTERNAL_KEY}"}, {"x-api-key": INTERNAL_KEY}]
+)
+async def test_the_internal_api_key_is_accepted_as_bearer_or_x_api_key_and_never_forwarded(
+    stack: Stack, headers: dict[str, str]
+) -> None:
+    await stack.connect("alice")
+    resp = await stack.backend.get(
+        f"{stack.internal_url}/v1/models", headers={"X-Quota-User": "alice", **headers}
+    )
+    assert resp.status == 200
+    sent = [r for r in stack.quota.requests if r.path == "/v1/models"][-1]
+    assert INTERNAL_KEY not in repr(sent.headers)
+    assert sent.headers["Authorization"].startswith("Bearer quota_token_")
+
+
+@pytest.mark.parametrize("name", ["x-api-key", "x-goog-api-key", "api-key"])
+async def test_sdk_credential_headers_never_reach_quota(stack: Stack, name: str) -> None:
+    await stack.connect("alice")
+    await stack.backend.get(
+        f"{stack.internal_url}/v1/models",
+        headers={"X-Quota-User": "alice", name: "sk-quota-hostappkey"},
+    )
+    sent = [r for r in stack.quota.requests if r.path == "/v1/models"][-1]
+    assert name not in {h.lower() for h in sent.headers}
