@@ -1,32 +1,35 @@
-"""The OAuth round-trip in flight, kept in the sidecar's own encrypted cookie.
+"""The OAuth round-trips in flight, each in its own encrypted cookie.
 
 Between ``/auth/quota/connect`` and ``/auth/quota/callback`` the sidecar remembers the ``state``,
-the PKCE verifier, the redirect URI, who started it and where to go afterwards. It lives in an
-aiohttp-session cookie encrypted with a key derived from ``SESSION_SECRET`` (Fernet), scoped to
-``/auth/quota``, ``HttpOnly``, ``SameSite=Lax`` and ``Secure`` when the browser came over https
-(``secure: auto``), so plain ``http://localhost`` development keeps its cookie (the recipe's
-``state_mismatch`` pitfall).
+the PKCE verifier, the redirect URI, who started it and where to go afterwards. Each round-trip
+lives in its own aiohttp-session cookie, ``<cookie_name>-<first 16 hex of state>``, encrypted
+with a key derived from ``SESSION_SECRET`` (Fernet), scoped to ``/auth/quota``, ``HttpOnly``,
+``SameSite=Lax`` and ``Secure`` when the browser came over https (``secure: auto``), so plain
+``http://localhost`` development keeps its cookie (the recipe's ``state_mismatch`` pitfall).
 
-Several round-trips may be pending at once (two tabs); each is keyed by its ``state`` and is
-single-use: ``take`` removes it whatever happens next. An unreadable cookie is "no session".
+One cookie per round-trip, not one shared cookie, because two tabs that click Connect at the
+same instant would otherwise each write the cookie from the request they saw, and the last
+response would erase the other tab's state. Each cookie is single-use: the callback deletes it
+whatever the outcome. An unreadable or tampered cookie is "no round-trip" (aiohttp-session).
 """
 
 from __future__ import annotations
 
-import time
+import base64
 from dataclasses import asdict, dataclass
-from typing import Any
 
 from aiohttp import web
 from aiohttp_session import Session
 from aiohttp_session.cookie_storage import EncryptedCookieStorage
+from cryptography.fernet import Fernet
 
 from sidecar.config import SessionConfig
 from sidecar.forwarding.headers import Network, client_scheme
 
 COOKIE_PATH = "/auth/quota"
-MAX_PENDING = 4  # tabs connecting at once; the oldest is dropped beyond this
+MAX_PENDING = 4  # round-trips one browser may have open; the oldest go beyond this
 _KEY = "pending"
+_STATE_CHARS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,30 +42,24 @@ class Pending:
     started_at: float
 
 
-class PendingCookieStorage(EncryptedCookieStorage):
-    """aiohttp-session's encrypted cookie, with ``Secure`` decided per request."""
+class _Cookie(EncryptedCookieStorage):
+    """aiohttp-session's encrypted cookie under one name, with ``Secure`` decided per request."""
 
-    def __init__(self, key: bytes, config: SessionConfig, trusted: tuple[Network, ...]) -> None:
+    def __init__(self, fernet: Fernet, name: str, owner: PendingCookies) -> None:
         super().__init__(
-            key,
-            cookie_name=config.cookie_name,
-            max_age=config.pending_ttl_s,
+            fernet,
+            cookie_name=name,
+            max_age=owner.ttl_s,
             path=COOKIE_PATH,
             httponly=True,
             samesite="Lax",
         )
-        self._mode = config.secure
-        self._trusted = trusted
-
-    def secure_for(self, request: web.BaseRequest) -> bool:
-        if self._mode == "auto":
-            return client_scheme(request, self._trusted) == "https"
-        return self._mode == "always"
+        self._owner = owner
 
     async def save_session(
         self, request: web.Request, response: web.StreamResponse, session: Session
     ) -> None:
-        secure = self.secure_for(request)
+        secure = self._owner.secure_for(request)
         if session.empty:
             response.del_cookie(
                 self.cookie_name, path=COOKIE_PATH, secure=secure, httponly=True, samesite="Lax"
@@ -80,44 +77,79 @@ class PendingCookieStorage(EncryptedCookieStorage):
         )
 
 
-PENDING_STORAGE = web.AppKey("pending_storage", PendingCookieStorage)
+class PendingCookies:
+    """Remembers and takes back pending round-trips, one cookie each."""
+
+    def __init__(self, key: bytes, config: SessionConfig, trusted: tuple[Network, ...]) -> None:
+        self._fernet = Fernet(base64.urlsafe_b64encode(key))
+        self.prefix = config.cookie_name
+        self.ttl_s = config.pending_ttl_s
+        self._mode = config.secure
+        self._trusted = trusted
+
+    def secure_for(self, request: web.BaseRequest) -> bool:
+        if self._mode == "auto":
+            return client_scheme(request, self._trusted) == "https"
+        return self._mode == "always"
+
+    def cookie_name(self, state: str) -> str:
+        return f"{self.prefix}-{state[:_STATE_CHARS]}"
+
+    def _cookie(self, name: str) -> _Cookie:
+        return _Cookie(self._fernet, name, self)
+
+    async def remember(
+        self, request: web.Request, response: web.StreamResponse, pending: Pending
+    ) -> None:
+        cookie = self._cookie(self.cookie_name(pending.state))
+        session = await cookie.new_session()
+        session[_KEY] = asdict(pending)
+        await cookie.save_session(request, response, session)
+        await self._drop_oldest(request, response, keep=MAX_PENDING - 1)
+
+    async def take(
+        self, request: web.Request, response: web.StreamResponse, state: str | None
+    ) -> Pending | None:
+        """The round-trip for ``state``, removed from the browser (None if there is none)."""
+        if not state or len(state) < _STATE_CHARS:
+            return None
+        cookie = self._cookie(self.cookie_name(state))
+        if cookie.cookie_name not in request.cookies:
+            return None
+        session = await cookie.load_session(request)
+        found = _pending_for(session, state)
+        session.invalidate()
+        await cookie.save_session(request, response, session)  # single use: always deleted
+        return found
+
+    async def _drop_oldest(
+        self, request: web.Request, response: web.StreamResponse, *, keep: int
+    ) -> None:
+        others: list[tuple[float, _Cookie]] = []
+        for name in request.cookies:
+            if name.startswith(f"{self.prefix}-"):
+                cookie = self._cookie(name)
+                entry = (await cookie.load_session(request)).get(_KEY)
+                started = entry.get("started_at", 0.0) if isinstance(entry, dict) else 0.0
+                others.append((float(started), cookie))
+        others.sort(key=lambda item: item[0])
+        for _, cookie in others[: max(0, len(others) - keep)]:
+            empty = await cookie.new_session()
+            await cookie.save_session(request, response, empty)
 
 
-def remember(session: Session, pending: Pending) -> None:
-    entries = [e for e in _entries(session) if e.get("state") != pending.state]
-    entries = entries[-(MAX_PENDING - 1) :]
-    entries.append(asdict(pending))
-    session[_KEY] = entries
-
-
-def take(session: Session, state: str | None) -> Pending | None:
-    """Remove and return the pending round-trip for ``state`` (None if there is none)."""
-    entries = _entries(session)
-    found = None
-    rest = []
-    for entry in entries:
-        if state is not None and entry.get("state") == state and found is None:
-            found = entry
-        else:
-            rest.append(entry)
-    if found is not None:
-        if rest:
-            session[_KEY] = rest
-        else:
-            session.invalidate()
+def _pending_for(session: Session, state: str) -> Pending | None:
+    entry = session.get(_KEY)
+    if not isinstance(entry, dict) or entry.get("state") != state:
+        return None
     try:
-        return Pending(**found) if found is not None else None
+        return Pending(**entry)
     except TypeError:
         return None
 
 
-def is_expired(pending: Pending, ttl_s: float, now: float | None = None) -> bool:
-    now = time.time() if now is None else now
+def is_expired(pending: Pending, ttl_s: float, now: float) -> bool:
     return not (pending.started_at <= now < pending.started_at + ttl_s)
 
 
-def _entries(session: Session) -> list[dict[str, Any]]:
-    raw = session.get(_KEY)
-    if not isinstance(raw, list):
-        return []
-    return [e for e in raw if isinstance(e, dict)]
+PENDING_COOKIES = web.AppKey("pending_cookies", PendingCookies)

@@ -60,12 +60,13 @@ def filter_headers(
 
 
 def strip_cookie(cookie_header: str, name: str) -> str:
-    """Remove one cookie (every occurrence) from a ``Cookie`` header, keeping the rest verbatim."""
-    kept = [
-        part.strip()
-        for part in cookie_header.split(";")
-        if part.strip() and part.split("=", 1)[0].strip() != name
-    ]
+    """Remove the cookie ``name`` and every ``name-…`` from a ``Cookie`` header, keeping the rest."""
+
+    def ours(part: str) -> bool:
+        key = part.split("=", 1)[0].strip()
+        return key == name or key.startswith(f"{name}-")
+
+    kept = [part.strip() for part in cookie_header.split(";") if part.strip() and not ours(part)]
     return "; ".join(kept)
 
 

@@ -13,7 +13,6 @@ import secrets
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from aiohttp import web
-from aiohttp_session import Session
 
 from sidecar import pending
 from sidecar.config_loader import is_local_path
@@ -26,7 +25,7 @@ from sidecar.errors import (
 from sidecar.forwarding.headers import client_origin
 from sidecar.identity import probe_identity
 from sidecar.oauth import Pkce, QuotaOAuthError
-from sidecar.pending import PENDING_STORAGE
+from sidecar.pending import PENDING_COOKIES
 from sidecar.routes.wallet import NO_STORE, balance_response, status_body
 from sidecar.services import SERVICES, Services
 
@@ -78,45 +77,43 @@ async def connect(request: web.Request) -> web.StreamResponse:
     pkce = Pkce.generate()
     state = secrets.token_hex(32)
     redirect_uri = callback_uri(request, services)
-    storage = request.app[PENDING_STORAGE]
-    session = await storage.load_session(request)
-    pending.remember(
-        session,
-        pending.Pending(
-            state=state,
-            verifier=pkce.verifier,
-            redirect_uri=redirect_uri,
-            user_key=services.user_key(user),
-            return_to=safe_return_to(request.query.get("return_to"), cfg.redirects.after_connect),
-            started_at=services.clock(),
-        ),
+    record = pending.Pending(
+        state=state,
+        verifier=pkce.verifier,
+        redirect_uri=redirect_uri,
+        user_key=services.user_key(user),
+        return_to=safe_return_to(request.query.get("return_to"), cfg.redirects.after_connect),
+        started_at=services.clock(),
     )
     url = services.quota.authorize_url(
         redirect_uri=redirect_uri, state=state, code_challenge=pkce.challenge
     )
-    response = web.HTTPFound(url, headers=NO_STORE)
-    await storage.save_session(request, response, session)
-    raise response
+    response = _redirect(url)
+    await request.app[PENDING_COOKIES].remember(request, response, record)
+    return response
+
+
+def _redirect(location: str) -> web.Response:
+    return web.Response(status=302, headers={**NO_STORE, "Location": location})
 
 
 async def callback(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
-    storage = request.app[PENDING_STORAGE]
-    session = await storage.load_session(request)
+    response = _redirect(services.config.redirects.after_error)
     try:
-        target = await _complete(request, services, session)
+        target = await _complete(request, services, response)
     except CallbackError as exc:
         log.info("connect failed: %s", exc.code, extra={"detail": exc.detail})
         target = with_query(services.config.redirects.after_error, quota_error=exc.code)
-    response = web.HTTPFound(target, headers=NO_STORE)
-    await storage.save_session(request, response, session)
-    raise response
+    response.headers["Location"] = target
+    return response
 
 
-async def _complete(request: web.Request, services: Services, session: Session) -> str:
+async def _complete(request: web.Request, services: Services, response: web.StreamResponse) -> str:
     query = request.query
     state = query.get("state")
-    found = pending.take(session, state)  # single use, whatever the outcome
+    # Single use: the round-trip's cookie is deleted on ``response`` whatever the outcome.
+    found = await request.app[PENDING_COOKIES].take(request, response, state)
     error = query.get("error")
     if error is not None:
         raise CallbackError(error if _ERROR_CODE.match(error) else "access_denied")

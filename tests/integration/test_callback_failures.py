@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -94,7 +95,9 @@ async def test_replayed_callback_is_state_mismatch_and_keeps_the_first_connectio
 
 async def test_callback_without_the_cookie_is_state_mismatch(stack: Stack) -> None:
     url = await start_connect(stack)
-    stack.browser.session.cookie_jar.clear(lambda c: c.key == stack.config.session.cookie_name)
+    stack.browser.session.cookie_jar.clear(
+        lambda c: c.key.startswith(f"{stack.config.session.cookie_name}-")
+    )
     assert await call_back(stack, url) == "state_mismatch"
     assert await nothing_stored(stack)
 
@@ -144,3 +147,35 @@ async def test_two_tabs_connecting_at_once_both_complete(stack: Stack) -> None:
     assert await call_back(stack, first) == ""
     assert await call_back(stack, second) == ""
     assert stack.quota.counters["token.authorization_code"] == 2
+
+
+async def test_two_tabs_clicking_connect_in_the_same_instant_both_complete(stack: Stack) -> None:
+    """Both connect requests carry the same cookies; neither response may erase the other's."""
+    stack.browser.sign_in(stack.public_url, "alice")
+    connects = await asyncio.gather(
+        *(
+            stack.browser.get(f"{stack.public_url}/auth/quota/connect", allow_redirects=False)
+            for _ in range(2)
+        )
+    )
+    urls = []
+    for connect in connects:
+        consent = await stack.browser.get(connect.headers["Location"])
+        approved = await approve_consent(stack.browser, consent, "alice@example.com", follow=False)
+        urls.append(URL(approved.headers["Location"]))
+    assert [await call_back(stack, url) for url in urls] == ["", ""]
+
+
+async def test_a_browser_keeps_at_most_four_round_trips(stack: Stack) -> None:
+    urls = []
+    for _ in range(6):
+        urls.append(await start_connect(stack))
+        stack.clock.advance(1)
+    ours = [
+        c
+        for c in stack.browser.session.cookie_jar
+        if c.key.startswith(f"{stack.config.session.cookie_name}-")
+    ]
+    assert len(ours) == 4
+    assert await call_back(stack, urls[0]) == "state_mismatch"  # the oldest went first
+    assert await call_back(stack, urls[-1]) == ""
