@@ -17,8 +17,9 @@ import secrets
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -70,8 +71,13 @@ async def running_demo(
     access_token_ttl_s: float = 3600,
     balance: int = 5_000_000,
     host: str = "localhost",
+    config_overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> AsyncIterator[Demo]:
-    """Start all three parts; ports may be 0 (free ports, as the tests use)."""
+    """Start all three parts; ports may be 0 (free ports, as the tests use).
+
+    ``config_overrides`` are merged into the sidecar's config sections, key by key
+    (e.g. ``{"session": {"trusted_proxies": ["127.0.0.1"]}}``).
+    """
     quota = MockQuota()
     quota.settings.access_token_ttl_s = access_token_ttl_s
     quota.settings.default_balance = balance
@@ -94,23 +100,23 @@ async def running_demo(
             ],
             allowed_scopes=["credits.read", "credits.spend"],
         )
-        config = build_config(
-            {
-                "quota": {
-                    "base_url": quota_url,
-                    "client_id": client.client_id,
-                    "client_secret": client.client_secret,
-                },
-                "listen": {
-                    "public": f"{host}:{port}",
-                    "internal": f"127.0.0.1:{internal_port}",
-                },
-                "upstream": {"url": app_url},
-                "session": {"secret": secrets.token_urlsafe(32)},
-                "log": {"format": "text"},
+        sections: dict[str, dict[str, Any]] = {
+            "quota": {
+                "base_url": quota_url,
+                "client_id": client.client_id,
+                "client_secret": client.client_secret,
             },
-            env={},
-        )
+            "listen": {
+                "public": f"{host}:{port}",
+                "internal": f"127.0.0.1:{internal_port}",
+            },
+            "upstream": {"url": app_url},
+            "session": {"secret": secrets.token_urlsafe(32)},
+            "log": {"format": "text"},
+        }
+        for name, values in (config_overrides or {}).items():
+            sections.setdefault(name, {}).update(values)
+        config = build_config(sections, env={})
         async with open_services(config) as services:
             sidecar = Sidecar(services)
             await sidecar.start()

@@ -1,0 +1,3 @@
+module quota-sidecar.example/go-host-app
+
+go 1.19
