@@ -28,9 +28,16 @@ from sidecar.services import SERVICES, Services
 
 log = logging.getLogger(__name__)
 
-# Limits for aiohttp's request parser: a proxy must not buffer unbounded headers.
-MAX_LINE_SIZE = 8190
-MAX_FIELD_SIZE = 16384
+
+def handler_args(services: Services) -> dict[str, float | int]:
+    """aiohttp's request-parser limits: a proxy must not buffer unbounded headers."""
+    limits = services.config.limits
+    return {
+        "max_line_size": limits.max_header_size_bytes,
+        "max_field_size": limits.max_header_size_bytes,
+        "max_headers": limits.max_header_count,
+        "keepalive_timeout": limits.keepalive_timeout_s,
+    }
 
 
 async def _unknown_auth_path(request: web.Request) -> web.StreamResponse:
@@ -43,7 +50,7 @@ def create_public_app(services: Services) -> web.Application:
     # Middleware order: request id first (every line logged carries it), then error rendering.
     app = web.Application(
         middlewares=[middleware.request_id, middleware.errors],
-        handler_args={"max_line_size": MAX_LINE_SIZE, "max_field_size": MAX_FIELD_SIZE},
+        handler_args=handler_args(services),
     )
     app[SERVICES] = services
     app[LISTENER] = "public"
@@ -83,7 +90,7 @@ def internal_key_guard(services: Services) -> Callable[..., object]:
 def create_internal_app(services: Services) -> web.Application:
     app = web.Application(
         middlewares=[middleware.request_id, middleware.errors, internal_key_guard(services)],  # type: ignore[list-item]
-        handler_args={"max_line_size": MAX_LINE_SIZE, "max_field_size": MAX_FIELD_SIZE},
+        handler_args=handler_args(services),
     )
     app[SERVICES] = services
     app[LISTENER] = "internal"

@@ -66,6 +66,24 @@ class UpstreamConfig:
     connect_timeout_s: float = 5.0
     # No total timeout for proxied requests (downloads, long polls); only between reads.
     idle_timeout_s: float = 300.0
+    # pass: the browser's Host goes to the app (most apps build links from it);
+    # rewrite: Host is the upstream's own (for apps that check it). X-Forwarded-Host has the original.
+    host_header: Literal["pass", "rewrite"] = "pass"
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    # One header line, and how many headers, per request (both listeners).
+    max_header_size_bytes: int = 16384
+    max_header_count: int = 100
+    # Public listener request bodies, counted as they stream (0: no limit; uploads are the app's).
+    max_body_bytes: int = 0
+    # /v1 request bodies (chat, audio uploads); counted as they stream.
+    max_v1_body_bytes: int = 32 * 1024 * 1024
+    # An idle keep-alive connection is closed after this long.
+    keepalive_timeout_s: float = 75.0
+    # Outgoing connections kept per target (Quota, the app); 0 means no cap.
+    pool_size: int = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +142,7 @@ class Config:
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     tokens: TokensConfig = field(default_factory=TokensConfig)
     redirects: RedirectsConfig = field(default_factory=RedirectsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -135,6 +154,7 @@ SECTIONS: dict[str, type] = {
     "session": SessionConfig,
     "tokens": TokensConfig,
     "redirects": RedirectsConfig,
+    "limits": LimitsConfig,
     "log": LogConfig,
 }
 

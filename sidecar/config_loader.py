@@ -320,6 +320,21 @@ def _check(config: c.Config, problems: list[str]) -> None:
     ):
         if amount <= 0:
             problems.append(f"{name}: must be greater than 0, got {amount}")
+    lim = config.limits
+    for name, count in (
+        ("limits.max_header_size_bytes", lim.max_header_size_bytes),
+        ("limits.max_header_count", lim.max_header_count),
+        ("limits.keepalive_timeout_s", lim.keepalive_timeout_s),
+    ):
+        if count <= 0:
+            problems.append(f"{name}: must be greater than 0, got {count}")
+    for name, count in (
+        ("limits.max_body_bytes", lim.max_body_bytes),
+        ("limits.max_v1_body_bytes", lim.max_v1_body_bytes),
+        ("limits.pool_size", lim.pool_size),
+    ):
+        if count < 0:
+            problems.append(f"{name}: must be 0 (no limit) or more, got {count}")
     if q.replay_max_bytes < 0:
         problems.append(f"quota.replay_max_bytes: must be 0 or more, got {q.replay_max_bytes}")
     if t.refresh_skew_s < 0:

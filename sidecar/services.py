@@ -100,8 +100,8 @@ async def open_services(
             max_wait_s=config.quota.timeout_s + 2 * config.tokens.lock_ttl_s,
         )
         redis_coordinator.start()
-    quota_http = _client_session()
-    upstream_http = _client_session()
+    quota_http = _client_session(limit=config.limits.pool_size)
+    upstream_http = _client_session(limit=config.limits.pool_size)
     try:
         quota = QuotaClient(quota_http, config.quota, clock=clock)
         yield Services(

@@ -88,7 +88,9 @@ async def forward(request: web.Request) -> web.StreamResponse:
             connect_timeout_s=cfg.connect_timeout_s,
             unavailable=QuotaUnavailable,
         )
-    body, replayable = await replayable_body(request, cfg.replay_max_bytes)
+    body, replayable = await replayable_body(
+        request, cfg.replay_max_bytes, services.config.limits.max_v1_body_bytes
+    )
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=cfg.connect_timeout_s, sock_read=cfg.stream_idle_timeout_s
     )

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Union
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from sidecar.errors import SidecarError
+from sidecar.errors import PayloadTooLarge, SidecarError
 from sidecar.forwarding.headers import filter_headers
 
 log = logging.getLogger(__name__)
@@ -26,21 +27,54 @@ log = logging.getLogger(__name__)
 _RESPONSE_DROP = ("content-length",)
 
 
-Body = aiohttp.StreamReader | bytes | AsyncIterator[bytes] | None
+Body = Union[aiohttp.StreamReader, bytes, AsyncIterator[bytes], "CountedBody", None]
 
 
-def request_body(request: web.Request) -> aiohttp.StreamReader | None:
-    return request.content if request.body_exists else None
+class CountedBody:
+    """A request body streamed on while counting, cut off past ``limit`` bytes.
+
+    aiohttp's ``client_max_size`` is enforced only by ``read()``/``post()``; a body streamed to
+    another server is not checked, so the sidecar counts it here. A declared ``Content-Length``
+    over the limit is refused before anything is sent.
+    """
+
+    def __init__(self, chunks: AsyncIterator[bytes], limit: int) -> None:
+        self._chunks = chunks
+        self._limit = limit
+        self.exceeded = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        size = 0
+        async for chunk in self._chunks:
+            size += len(chunk)
+            if size > self._limit:
+                self.exceeded = True
+                raise PayloadTooLarge
+            yield chunk
 
 
-async def replayable_body(request: web.Request, limit: int) -> tuple[Body, bool]:
+def request_body(request: web.Request, limit: int = 0) -> Body:
+    """The body to send on: streamed as it arrives, counted when ``limit`` is set."""
+    if not request.body_exists:
+        return None
+    if not limit:
+        return request.content
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(detail=f"declared {request.content_length} bytes")
+    return CountedBody(request.content.iter_any(), limit)
+
+
+async def replayable_body(request: web.Request, limit: int, max_bytes: int) -> tuple[Body, bool]:
     """Read up to ``limit`` bytes of the body into memory so it can be sent twice.
 
     Returns the body and whether it is replayable. A larger body is not held: what was read is
-    sent first and the rest streams on from the client (so memory stays bounded).
+    sent first and the rest streams on from the client (so memory stays bounded). ``max_bytes``
+    (0: none) caps the whole body, counted as it streams.
     """
     if not request.body_exists:
         return None, True
+    if max_bytes and request.content_length is not None and request.content_length > max_bytes:
+        raise PayloadTooLarge(detail=f"declared {request.content_length} bytes")
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -49,8 +83,13 @@ async def replayable_body(request: web.Request, limit: int) -> tuple[Body, bool]
             return b"".join(chunks), True
         chunks.append(chunk)
         size += len(chunk)
+        if max_bytes and size > max_bytes:
+            raise PayloadTooLarge
         if size > limit:
-            return _then_rest(chunks, request.content), False
+            rest = _then_rest(chunks, request.content)
+            if max_bytes:
+                return CountedBody(rest, max_bytes), False
+            return rest, False
 
 
 async def _then_rest(head: list[bytes], rest: aiohttp.StreamReader) -> AsyncIterator[bytes]:
@@ -81,7 +120,11 @@ async def send(
             timeout=timeout,
             skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
         )
+    except PayloadTooLarge:
+        raise
     except (aiohttp.ClientError, TimeoutError) as exc:
+        if isinstance(data, CountedBody) and data.exceeded:
+            raise PayloadTooLarge from None
         raise unavailable(f"{request.method} {url.host}: {type(exc).__name__}") from None
 
 

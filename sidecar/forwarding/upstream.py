@@ -33,6 +33,8 @@ def upstream_headers(request: web.Request, services: Services) -> CIMultiDict[st
     if length is not None and "Transfer-Encoding" not in request.headers:
         headers["Content-Length"] = length
     add_forwarded(headers, request, services.trusted_proxies)
+    if cfg.upstream.host_header == "rewrite":
+        headers["Host"] = URL(cfg.upstream.url).raw_authority
     return headers
 
 
@@ -64,7 +66,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         services.upstream_http,
         url,
         upstream_headers(request, services),
-        data=request_body(request),
+        data=request_body(request, services.config.limits.max_body_bytes),
         timeout=timeout,
         unavailable=lambda detail: UpstreamUnavailable(detail=detail),
     )

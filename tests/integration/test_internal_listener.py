@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -267,3 +268,31 @@ async def test_sdk_credential_headers_never_reach_quota(stack: Stack, name: str)
     )
     sent = [r for r in stack.quota.requests if r.path == "/v1/models"][-1]
     assert name not in {h.lower() for h in sent.headers}
+
+
+@pytest.mark.parametrize(
+    "config_overrides",
+    [{"limits": {"max_v1_body_bytes": 4096}, "quota": {"replay_max_bytes": 1024}}],
+)
+@pytest.mark.parametrize("size", [5000, 3000])
+async def test_v1_bodies_over_the_limit_are_413_whether_or_not_they_were_buffered(
+    stack: Stack, size: int
+) -> None:
+    await stack.connect("alice")
+
+    async def chunked() -> AsyncIterator[bytes]:
+        yield b"{"
+        for _ in range(size // 500):
+            yield b" " * 500
+        yield b"}"
+
+    resp = await stack.backend.post(
+        f"{stack.internal_url}/v1/chat/completions",
+        data=chunked(),
+        headers={"X-Quota-User": "alice", "Content-Type": "application/json"},
+    )
+    if size > 4096:
+        assert resp.status == 413
+        assert (await resp.json())["error"]["code"] == "payload_too_large"
+    else:
+        assert resp.status == 400  # reached Quota, which found no model in it

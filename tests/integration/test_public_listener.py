@@ -273,3 +273,50 @@ async def test_request_id_is_taken_from_the_client_or_made(stack: Stack) -> None
         f"{stack.public_url}/page", headers={"X-Request-Id": "bad id\x01"[:6]}
     )
     assert resp.headers["X-Request-Id"] != "bad id"
+
+
+@pytest.mark.parametrize("config_overrides", [{"limits": {"max_body_bytes": 1000}}])
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_a_body_over_the_limit_is_413_and_counted_even_when_streamed(
+    stack: Stack, framing: str
+) -> None:
+    async def chunks():  # type: ignore[no-untyped-def]
+        for _ in range(10):
+            yield b"z" * 500
+
+    data = b"z" * 5000 if framing == "content-length" else chunks()
+    before = len(stack.upstream.requests)
+    resp = await stack.browser.post(f"{stack.public_url}/upload", data=data)
+    assert resp.status == 413
+    assert (await resp.json())["error"]["code"] == "payload_too_large"
+    assert len(stack.upstream.requests) == before  # the app saw no complete request
+    ok = await stack.browser.post(f"{stack.public_url}/upload", data=b"z" * 1000)
+    assert ok.status == 200
+
+
+@pytest.mark.parametrize("config_overrides", [{"limits": {"max_header_count": 20}}])
+async def test_too_many_headers_are_refused_before_anything_is_proxied(stack: Stack) -> None:
+    before = len(stack.upstream.requests)
+    resp = await stack.browser.get(
+        f"{stack.public_url}/page", headers={f"X-H{i}": "v" for i in range(40)}
+    )
+    assert resp.status in (400, 431)
+    assert len(stack.upstream.requests) == before
+
+
+async def test_an_oversize_header_is_refused(stack: Stack) -> None:
+    resp = await stack.browser.get(f"{stack.public_url}/page", headers={"X-Big": "v" * 20000})
+    assert resp.status in (400, 431)
+
+
+@pytest.mark.parametrize("config_overrides", [{"upstream": {"host_header": "rewrite"}}])
+async def test_host_can_be_rewritten_to_the_upstreams_own(stack: Stack) -> None:
+    await stack.browser.get(f"{stack.public_url}/page")
+    seen = stack.upstream.requests[-1].headers
+    assert seen["Host"] == [stack.upstream_url.removeprefix("http://")]
+    assert seen["X-Forwarded-Host"] == [stack.public_url.removeprefix("http://")]
+
+
+async def test_the_browsers_host_is_passed_by_default(stack: Stack) -> None:
+    await stack.browser.get(f"{stack.public_url}/page")
+    assert stack.upstream.requests[-1].headers["Host"] == [stack.public_url.removeprefix("http://")]

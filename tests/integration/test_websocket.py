@@ -14,24 +14,26 @@ from tests.integration.conftest import Stack
     "connection", ["Upgrade", "keep-alive, Upgrade", "Upgrade, keep-alive", "upgrade"]
 )
 async def test_websocket_echo_through_the_public_listener(stack: Stack, connection: str) -> None:
-    async with aiohttp.ClientSession() as http:
-        # aiohttp sends "Connection: Upgrade"; browsers send "keep-alive, Upgrade".
-        async with http.ws_connect(
+    # aiohttp sends "Connection: Upgrade"; browsers send "keep-alive, Upgrade".
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(
             f"{stack.public_url}/ws",
             protocols=("chat.v1",),
             autoping=False,
             headers={"Connection": connection, "X-Quota-User": "mallory"},
-        ) as ws:
-            assert ws.protocol == "chat.v1"
-            await ws.send_str("hello")
-            assert (await ws.receive(timeout=5)).data == "echo:hello"
-            await ws.send_bytes(b"\x00\x01")
-            assert (await ws.receive(timeout=5)).data == b"echo:\x00\x01"
-            await ws.ping(b"are-you-there")
-            pong = await ws.receive(timeout=5)
-            assert pong.type is aiohttp.WSMsgType.PONG
-            assert pong.data == b"are-you-there"
-            await ws.close(code=4001)
+        ) as ws,
+    ):
+        assert ws.protocol == "chat.v1"
+        await ws.send_str("hello")
+        assert (await ws.receive(timeout=5)).data == "echo:hello"
+        await ws.send_bytes(b"\x00\x01")
+        assert (await ws.receive(timeout=5)).data == b"echo:\x00\x01"
+        await ws.ping(b"are-you-there")
+        pong = await ws.receive(timeout=5)
+        assert pong.type is aiohttp.WSMsgType.PONG
+        assert pong.data == b"are-you-there"
+        await ws.close(code=4001)
     await asyncio.sleep(0.1)
     assert stack.upstream.ws_close_codes[-1] == 4001
     seen = stack.upstream.requests[-1].headers
