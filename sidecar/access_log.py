@@ -2,7 +2,8 @@
 
 aiohttp's default format writes the request line with its query, which on the OAuth callback
 carries ``code`` and ``state``. This logger writes the path alone there (other paths keep their
-query, which is the host app's business), as a JSON line with the listener's name.
+query, which is the host app's business), as a JSON line with the listener, method, route class,
+status, bytes, durations (whole, waiting upstream, added by the sidecar) and the hashed user key.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from sidecar.middleware import REQUEST_ID
+from sidecar.observe import TIMING
 
 ACCESS_LOGGER = logging.getLogger("sidecar.access")
 LISTENER = web.AppKey("listener", str)
@@ -21,6 +23,7 @@ LISTENER = web.AppKey("listener", str)
 class AccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         path = request.path if request.path.startswith("/auth/quota/") else request.rel_url.path_qs
+        timing = request.get(TIMING)
         self.logger.info(
             "%s %s %s",
             request.method,
@@ -35,6 +38,15 @@ class AccessLogger(AbstractAccessLogger):
                 "status": response.status,
                 "bytes": response.body_length,
                 "duration_ms": round(time * 1000, 2),
+                "route": timing.route if timing else "-",
+                # Waiting for Quota or the app to answer, and the sidecar's own share before the
+                # response started (see sidecar.observe).
+                "upstream_ms": round(timing.upstream_s * 1000, 2) if timing else None,
+                "added_ms": round(timing.added_s * 1000, 2)
+                if timing and timing.added_s is not None
+                else None,
+                # The first 16 characters of the user's HMAC key: joins log lines, names no one.
+                "user": timing.user_key if timing else None,
                 "remote": request.remote,
                 "request_id": request.get(REQUEST_ID, "-"),
             },

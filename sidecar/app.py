@@ -1,13 +1,15 @@
-"""Wiring: the public and internal ``web.Application``s, and the runner that serves them.
+"""Wiring: the public, internal and admin ``web.Application``s, and the runner that serves them.
 
     public  (browser)   /auth/quota/* answered here; every other path proxied to the host app
     internal (backend)  /v1/*, /v1beta/* forwarded to Quota; /auth/quota/status|disconnect|balance
+    admin   (ops)       /healthz, /readyz, /metrics (``sidecar.admin``); optional
 
-Both apps share one ``Services`` (clients, store, keys), made by ``sidecar.services``.
+All share one ``Services`` (clients, store, keys, metrics), made by ``sidecar.services``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from collections.abc import Callable
@@ -16,8 +18,9 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from sidecar import middleware
+from sidecar import middleware, observe
 from sidecar.access_log import ACCESS_LOGGER, LISTENER, AccessLogger
+from sidecar.admin import Health, create_admin_app
 from sidecar.config_loader import split_host_port
 from sidecar.errors import InvalidApiKey, MethodNotAllowed, NotFound
 from sidecar.forwarding import quota as quota_forward
@@ -47,9 +50,14 @@ async def _unknown_auth_path(request: web.Request) -> web.StreamResponse:
 
 
 def create_public_app(services: Services) -> web.Application:
-    # Middleware order: request id first (every line logged carries it), then error rendering.
+    # Middleware order: request id first (every line logged carries it), then the metrics (so
+    # they see the status the client gets), then error rendering.
     app = web.Application(
-        middlewares=[middleware.request_id, middleware.errors],
+        middlewares=[
+            middleware.request_id,
+            observe.middleware("public", services.metrics),
+            middleware.errors,
+        ],
         handler_args=handler_args(services),
     )
     app[SERVICES] = services
@@ -58,6 +66,7 @@ def create_public_app(services: Services) -> web.Application:
         services.cookie_key, services.config.session, services.trusted_proxies
     )
     app.on_response_prepare.append(middleware.add_request_id_header)
+    app.on_response_prepare.append(observe.prepare_hook(services.metrics))
     browser.add_routes(app)
     app.router.add_route("*", "/auth/quota/{tail:.*}", _unknown_auth_path)
     upstream.add_routes(app)
@@ -89,50 +98,103 @@ def internal_key_guard(services: Services) -> Callable[..., object]:
 
 def create_internal_app(services: Services) -> web.Application:
     app = web.Application(
-        middlewares=[middleware.request_id, middleware.errors, internal_key_guard(services)],  # type: ignore[list-item]
+        middlewares=[
+            middleware.request_id,
+            observe.middleware("internal", services.metrics),
+            middleware.errors,
+            internal_key_guard(services),  # type: ignore[list-item]
+        ],
         handler_args=handler_args(services),
     )
     app[SERVICES] = services
     app[LISTENER] = "internal"
     app.on_response_prepare.append(middleware.add_request_id_header)
+    app.on_response_prepare.append(observe.prepare_hook(services.metrics))
     quota_forward.add_routes(app)
     backend.add_routes(app)
     return app
 
 
+# The admin listener closes last; its handlers are quick.
+ADMIN_SHUTDOWN_S = 1.0
+# aiohttp reads a shutdown timeout of 0 as "no timeout": "cut at once" is the smallest wait.
+MIN_GRACE_S = 0.001
+
+
 @dataclass
 class Sidecar:
-    """Serves both listeners until ``stop()``; ``urls`` names where they ended up."""
+    """Serves the listeners until ``stop()``; ``urls`` names where they ended up.
+
+    ``shutdown()`` is what SIGTERM runs, in this order:
+
+    1. ``/readyz`` answers 503 at once, so the pod leaves the Service's endpoints;
+    2. for ``shutdown.drain_delay_s`` the listeners still accept, while load balancers and
+       kube-proxy catch up;
+    3. the public and internal listeners close their ports (new connections are refused) and
+       idle keep-alive connections; requests and streams in flight get up to
+       ``shutdown.grace_s`` to finish, then are cancelled;
+    4. the admin listener closes.
+    """
 
     services: Services
     runners: list[web.AppRunner] = field(default_factory=list)
     urls: dict[str, str] = field(default_factory=dict)
+    health: Health = field(default_factory=Health)
 
     async def start(self) -> None:
-        cfg = self.services.config.listen
-        for name, app, address in (
-            ("public", create_public_app(self.services), cfg.public),
-            ("internal", create_internal_app(self.services), cfg.internal),
-        ):
+        cfg = self.services.config
+        grace_s = max(cfg.shutdown.grace_s, MIN_GRACE_S)
+        listeners = [
+            ("public", create_public_app(self.services), cfg.listen.public, grace_s),
+            ("internal", create_internal_app(self.services), cfg.listen.internal, grace_s),
+        ]
+        if cfg.listen.admin_address is not None:
+            admin = create_admin_app(self.services, self.health)
+            listeners.append(("admin", admin, cfg.listen.admin_address, ADMIN_SHUTDOWN_S))
+        for name, app, address, shutdown_s in listeners:
             runner = web.AppRunner(
                 app,
                 access_log_class=AccessLogger,
-                access_log=ACCESS_LOGGER,
+                # Probes and scrapes every few seconds would drown the log; /metrics counts them.
+                access_log=ACCESS_LOGGER if name != "admin" else None,
                 handler_cancellation=True,  # a client that leaves cancels its upstream call
-                shutdown_timeout=10,
+                shutdown_timeout=shutdown_s,
             )
             await runner.setup()
+            self.runners.append(runner)
             host, port = split_host_port(address)
             site = web.TCPSite(runner, host, port, reuse_address=True)
             await site.start()
-            self.runners.append(runner)
             self.urls[name] = _bound_url(runner, host)
             log.info("%s listener on %s", name, self.urls[name])
 
+    async def shutdown(self) -> None:
+        """Leave the load balancer first, then stop (see the class docstring)."""
+        cfg = self.services.config.shutdown
+        self.health.draining = True
+        log.info(
+            "shutting down: not ready; listeners close in %g s, then requests in flight get "
+            "up to %g s",
+            cfg.drain_delay_s,
+            cfg.grace_s,
+        )
+        await asyncio.sleep(cfg.drain_delay_s)
+        await self.stop()
+
     async def stop(self) -> None:
-        for runner in reversed(self.runners):
+        """Close the listeners now; requests in flight get up to ``shutdown.grace_s``."""
+        self.health.draining = True
+        serving = [r for r in self.runners if r.app[LISTENER] != "admin"]
+        admin = [r for r in self.runners if r.app[LISTENER] == "admin"]
+        # Together, so the grace period is shared rather than spent once per listener.
+        results = await asyncio.gather(*(r.cleanup() for r in serving), return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception):
+                log.warning("a listener did not close cleanly: %r", result)
+        for runner in admin:
             await runner.cleanup()
         self.runners.clear()
+        log.info("listeners closed")
 
 
 def _bound_url(runner: web.AppRunner, host: str) -> str:

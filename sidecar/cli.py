@@ -1,4 +1,5 @@
-"""The ``quota-sidecar`` command: run, check-config, rotate-keys, demo, mock-quota."""
+"""The ``quota-sidecar`` command: run, check-config, rotate-keys, demo, mock-quota, init, doctor,
+gen-secret, version."""
 
 from __future__ import annotations
 
@@ -16,7 +17,17 @@ from sidecar import __version__
 from sidecar.config import Config
 from sidecar.config_loader import ConfigError, load_config, masked, resolve_path
 
-COMMANDS = ("run", "check-config", "rotate-keys", "demo", "mock-quota")
+COMMANDS = (
+    "run",
+    "check-config",
+    "rotate-keys",
+    "demo",
+    "mock-quota",
+    "init",
+    "doctor",
+    "gen-secret",
+    "version",
+)
 
 
 def _add_config_arg(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +70,43 @@ def build_parser() -> argparse.ArgumentParser:
     from sidecar.mock_quota.cli import add_arguments as mock_args
 
     mock_args(mock)
+    init = sub.add_parser(
+        "init",
+        help="sign in to Quota, register the app, write config/sidecar.yaml, .env and a k8s Secret",
+    )
+    from sidecar.setup.init_cmd import add_arguments as init_args
+
+    init_args(init)
+    doctor = sub.add_parser(
+        "doctor", help="check the config, Quota, the app's identity probe, the store and the clock"
+    )
+    _add_config_arg(doctor)
+    from sidecar.doctor.command import add_arguments as doctor_args
+
+    doctor_args(doctor)
+    gen_secret = sub.add_parser(
+        "gen-secret",
+        help="print a fresh 32-byte URL-safe secret (SESSION_SECRET, tokens.encryption_keys)",
+    )
+    from sidecar.setup.gen_secret import add_arguments as gen_secret_args
+
+    gen_secret_args(gen_secret)
+    sub.add_parser("version", help="print the version, with Python's, aiohttp's and redis-py's")
     return parser
+
+
+def version() -> int:
+    """The sidecar's version first (alone on its line, for scripts), then what it runs on."""
+    import platform
+
+    import aiohttp
+    import redis
+
+    print(f"quota-sidecar {__version__}")
+    print(f"Python {platform.python_version()} ({platform.python_implementation()})")
+    print(f"aiohttp {aiohttp.__version__}")
+    print(f"redis-py {redis.__version__}")
+    return 0
 
 
 def _load(path: str | None) -> Config:
@@ -142,9 +189,19 @@ async def _serve(config: Config) -> int:
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        # The first SIGTERM/SIGINT shuts down gracefully; a second one exits at once, with
+        # 128 + the signal's number (143 for SIGTERM, 130 for SIGINT), as a shell reports it.
+        if stop.is_set():
+            print("quota-sidecar: second signal, exiting now", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(128 + signum)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
     async with open_services(config) as services:
         sidecar = Sidecar(services)
         try:
@@ -154,7 +211,7 @@ async def _serve(config: Config) -> int:
             await sidecar.stop()
             return 1
         await stop.wait()
-        await sidecar.stop()
+        await sidecar.shutdown()
     return 0
 
 
@@ -169,6 +226,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sidecar.demo.runner import main as demo_main
 
         return demo_main(args)
+    if command == "init":
+        from sidecar.setup.init_cmd import main as init_main
+
+        return init_main(args)
+    if command == "doctor":
+        from sidecar.doctor.command import main as doctor_main
+
+        return doctor_main(args)
+    if command == "gen-secret":
+        from sidecar.setup.gen_secret import main as gen_secret_main
+
+        return gen_secret_main(args)
+    if command == "version":
+        return version()
     if command == "mock-quota":
         from sidecar.mock_quota.cli import main as mock_main
 

@@ -47,6 +47,9 @@ class QuotaConfig:
     # Request bodies up to this size are kept so a call Quota refused with 401 can be replayed
     # once after a forced refresh; larger bodies stream through and are not replayed.
     replay_max_bytes: int = 1024 * 1024
+    # /readyz also asks Quota's discovery document. Off by default: every replica would turn
+    # unready together while Quota blips, and a Service with no ready pod answers nothing at all.
+    check_discovery_on_ready: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +58,15 @@ class ListenConfig:
     public: str = "0.0.0.0:8080"
     # The host app's backend only: loopback unless an internal API key is set.
     internal: str = "127.0.0.1:8081"
+    # /healthz, /readyz, /metrics for the kubelet and Prometheus; "off" (or empty) turns it off.
+    admin: str | None = "0.0.0.0:9090"
+
+    @property
+    def admin_address(self) -> str | None:
+        """Where the admin listener binds, or ``None`` when it is turned off."""
+        if self.admin is None or self.admin.strip().lower() in ("", "off"):
+            return None
+        return self.admin
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +95,8 @@ class LimitsConfig:
     # An idle keep-alive connection is closed after this long.
     keepalive_timeout_s: float = 75.0
     # Outgoing connections kept per target (Quota, the app); 0 means no cap.
-    pool_size: int = 512
+    # (every open stream holds one; a full pool answers 502 after connect_timeout_s).
+    pool_size: int = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +147,16 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ShutdownConfig:
+    # After SIGTERM /readyz fails at once, but the listeners keep accepting this long, so load
+    # balancers and kube-proxy stop sending before the ports close.
+    drain_delay_s: float = 2.0
+    # Then requests and streams in flight get this long to finish before they are cut. Keep
+    # drain_delay_s + grace_s under the pod's terminationGracePeriodSeconds (30 s by default).
+    grace_s: float = 25.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     quota: QuotaConfig
     session: SessionConfig
@@ -144,6 +167,7 @@ class Config:
     redirects: RedirectsConfig = field(default_factory=RedirectsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
 
 
 SECTIONS: dict[str, type] = {
@@ -156,6 +180,7 @@ SECTIONS: dict[str, type] = {
     "redirects": RedirectsConfig,
     "limits": LimitsConfig,
     "log": LogConfig,
+    "shutdown": ShutdownConfig,
 }
 
 # Well-known variables, as in Quota's recipe. Any key can also be set as

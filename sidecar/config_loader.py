@@ -188,7 +188,12 @@ def _convert(value: Any, hint: Any, path: str, problems: list[str]) -> tuple[boo
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType) and type(None) in args:
-        if value is None or (isinstance(value, str) and value.strip() in ("", "null", "~")):
+        # YAML reads a bare `off`/`no`/`false` as False: for an optional value that means "none".
+        if (
+            value is None
+            or value is False
+            or (isinstance(value, str) and value.strip() in ("", "null", "~"))
+        ):
             return True, None
         (inner,) = [a for a in args if a is not type(None)]
         return _convert(value, inner, path, problems)
@@ -264,7 +269,7 @@ def _check(config: c.Config, problems: list[str]) -> None:
     if len(s.secret) < c.MIN_SESSION_SECRET_LENGTH:
         problems.append(
             f"session.secret: must be at least {c.MIN_SESSION_SECRET_LENGTH} characters, got "
-            f'{len(s.secret)}; generate one with `python -c "import secrets; print(secrets.token_urlsafe(32))"`'
+            f"{len(s.secret)}; generate one with `quota-sidecar gen-secret`"
         )
     for i, net in enumerate(s.trusted_proxies):
         try:
@@ -278,6 +283,7 @@ def _check(config: c.Config, problems: list[str]) -> None:
         ("internal", config.listen.internal),
     ):
         _check_listen(f"listen.{listener}", address, problems)
+    _check_admin_and_shutdown(config, problems)
     host = (
         split_host_port(config.listen.internal)[0] if _listen_ok(config.listen.internal) else None
     )
@@ -376,6 +382,34 @@ def _check_listen(name: str, value: str, problems: list[str]) -> None:
         split_host_port(value)
     except ValueError as exc:
         problems.append(f"{name}: {exc}")
+
+
+def _check_admin_and_shutdown(config: c.Config, problems: list[str]) -> None:
+    listen, shutdown = config.listen, config.shutdown
+    admin = listen.admin_address
+    if admin is not None and not _listen_ok(admin):
+        problems.append(
+            "listen.admin: must be host:port such as 0.0.0.0:9090, or 'off' to turn it off; "
+            f"got {admin!r}"
+        )
+    ports: dict[int, str] = {}
+    for name, address in (
+        ("public", listen.public),
+        ("internal", listen.internal),
+        ("admin", admin),
+    ):
+        if address is None or not _listen_ok(address):
+            continue
+        port = split_host_port(address)[1]
+        if port and port in ports:
+            problems.append(f"listen.{name}: port {port} is already taken by listen.{ports[port]}")
+        ports.setdefault(port, name)
+    for name, amount in (
+        ("shutdown.drain_delay_s", shutdown.drain_delay_s),
+        ("shutdown.grace_s", shutdown.grace_s),
+    ):
+        if amount < 0:
+            problems.append(f"{name}: must be 0 or more, got {amount}")
 
 
 def split_host_port(value: str) -> tuple[str, int]:

@@ -15,6 +15,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from sidecar import observe
 from sidecar.errors import IdentityInvalid, IdentityMissing, UpstreamUnavailable
 from sidecar.forwarding.headers import fold, strip_cookie
 from sidecar.services import SERVICES, Services
@@ -41,6 +42,7 @@ def header_identity(request: web.Request, services: Services) -> str:
         raise IdentityMissing
     if len(values) > 1 or not valid_user_id(values[0], services.config.identity.max_length):
         raise IdentityInvalid
+    observe.note_user(request, services.user_key(values[0]))
     return values[0]
 
 
@@ -51,6 +53,8 @@ async def probe_identity(request: web.Request) -> str | None:
     services = request.app[SERVICES]
     user = await _probe(request, services)
     request[_PROBED] = user
+    if user is not None:
+        observe.note_user(request, services.user_key(user))
     return user
 
 

@@ -26,7 +26,7 @@ _PATTERNS = [
     re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9_\-.~+/=]+"),
     # OAuth parameters in URLs, forms and JSON.
     re.compile(
-        r"(?i)\b(code|state|code_verifier|refresh_token|access_token|client_secret|token)"
+        r"(?i)\b(code|state|code_verifier|refresh_token|access_token|client_secret|token|key|api_key)"
         r"(=|\"\s*:\s*\"|':\s*')[^&\s\"',;]+"
     ),
     # Cookie and Authorization header values.

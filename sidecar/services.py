@@ -12,15 +12,18 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
 
+from sidecar import observe
 from sidecar.config import Config
 from sidecar.config_loader import decode_key
 from sidecar.forwarding.headers import Network, parse_networks
+from sidecar.metrics import Metrics
 from sidecar.oauth import QuotaClient
+from sidecar.tokens.counted import CountedStore
 from sidecar.tokens.crypto import Sealer, UserKeys, derive_key
 from sidecar.tokens.factory import create_store
 from sidecar.tokens.lock import RedisRefreshCoordinator
@@ -46,6 +49,7 @@ class Services:
     user_keys: UserKeys
     cookie_key: bytes
     trusted_proxies: tuple[Network, ...]
+    metrics: Metrics = field(default_factory=Metrics)
 
     def user_key(self, user_id: str) -> str:
         return self.user_keys.key_for(user_id)
@@ -63,7 +67,9 @@ def make_sealer(config: Config) -> Sealer:
     return Sealer([*keys, derived] if derived not in keys else keys)
 
 
-def _client_session(*, limit: int = 0) -> aiohttp.ClientSession:
+def _client_session(
+    *, limit: int = 0, trace: aiohttp.TraceConfig | None = None
+) -> aiohttp.ClientSession:
     # No total timeout on the session: streams may last; each call sets its own timeouts.
     connector = aiohttp.TCPConnector(limit=limit, ttl_dns_cache=60, enable_cleanup_closed=True)
     return aiohttp.ClientSession(
@@ -71,6 +77,7 @@ def _client_session(*, limit: int = 0) -> aiohttp.ClientSession:
         auto_decompress=False,
         timeout=aiohttp.ClientTimeout(total=None),
         cookie_jar=aiohttp.DummyCookieJar(),
+        trace_configs=[trace] if trace is not None else None,
     )
 
 
@@ -81,8 +88,10 @@ async def open_services(
     clock: Callable[[], float] = time.time,
     store: TokenStore | None = None,
     coordinator: RefreshCoordinator | None = None,
+    metrics: Metrics | None = None,
 ) -> AsyncIterator[Services]:
     secret = config.session.secret.reveal().encode()
+    metrics = metrics or Metrics()
     token_store = store or create_store(
         config.tokens.store, make_sealer(config), prefix=config.tokens.key_prefix
     )
@@ -98,10 +107,25 @@ async def open_services(
             lock_ttl_s=config.tokens.lock_ttl_s,
             # A holder renews its lease while Quota answers; wait for it as long as that may take.
             max_wait_s=config.quota.timeout_s + 2 * config.tokens.lock_ttl_s,
+            metrics=metrics,
         )
         redis_coordinator.start()
-    quota_http = _client_session(limit=config.limits.pool_size)
-    upstream_http = _client_session(limit=config.limits.pool_size)
+    quota_http = _client_session(
+        limit=config.limits.pool_size,
+        trace=observe.client_trace(
+            observe.quota_call(config.quota.base_url),
+            metrics.quota_duration,
+            metrics.quota_errors,
+        ),
+    )
+    upstream_http = _client_session(
+        limit=config.limits.pool_size,
+        trace=observe.client_trace(
+            observe.app_call(config.upstream.url, config.upstream.identity_probe_path),
+            metrics.app_duration,
+            metrics.app_errors,
+        ),
+    )
     try:
         quota = QuotaClient(quota_http, config.quota, clock=clock)
         yield Services(
@@ -111,15 +135,17 @@ async def open_services(
             upstream_http=upstream_http,
             quota=quota,
             tokens=TokenManager(
-                token_store,
+                CountedStore(token_store, metrics),
                 quota,
                 refresh_skew_s=config.tokens.refresh_skew_s,
                 clock=clock,
                 coordinator=coordinator,
+                metrics=metrics,
             ),
             user_keys=UserKeys(derive_key(secret, USER_KEY_LABEL)),
             cookie_key=derive_key(secret, COOKIE_LABEL),
             trusted_proxies=parse_networks(config.session.trusted_proxies),
+            metrics=metrics,
         )
     finally:
         if redis_coordinator is not None:

@@ -41,6 +41,10 @@ def make_config(**sections: Mapping[str, Any]) -> Config:
     doc: dict[str, dict[str, Any]] = {
         "quota": {"client_id": "quota_client_test", "client_secret": "quota_secret_test"},
         "session": {"secret": SESSION_SECRET},
+        # No admin listener unless a test asks for one: its default port is one per machine.
+        "listen": {"admin": "off"},
+        # Tests stop sidecars with streams still open: do not wait the production grace for them.
+        "shutdown": {"drain_delay_s": 0, "grace_s": 2},
     }
     for name, values in sections.items():
         doc.setdefault(name, {}).update(values)

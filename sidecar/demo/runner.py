@@ -109,6 +109,7 @@ async def running_demo(
             "listen": {
                 "public": f"{host}:{port}",
                 "internal": f"127.0.0.1:{internal_port}",
+                "admin": "off",  # the demo is one process on a laptop: nothing to probe
             },
             "upstream": {"url": app_url},
             "session": {"secret": secrets.token_urlsafe(32)},

@@ -21,6 +21,7 @@ from sidecar.forwarding.headers import FORWARDED, filter_headers
 from sidecar.forwarding.stream import replayable_body, send, stream_back
 from sidecar.forwarding.websocket import HANDSHAKE, is_upgrade, relay_websocket
 from sidecar.identity import header_identity
+from sidecar.observe import QuotaErrorTap
 from sidecar.services import SERVICES, Services
 
 PREFIXES = ("/v1/", "/v1beta/")
@@ -91,8 +92,12 @@ async def forward(request: web.Request) -> web.StreamResponse:
     body, replayable = await replayable_body(
         request, cfg.replay_max_bytes, services.config.limits.max_v1_body_bytes
     )
+    # connect bounds the wait for a pooled connection too: a full pool answers 502, never hangs.
     timeout = aiohttp.ClientTimeout(
-        total=None, sock_connect=cfg.connect_timeout_s, sock_read=cfg.stream_idle_timeout_s
+        total=None,
+        connect=cfg.connect_timeout_s,
+        sock_connect=cfg.connect_timeout_s,
+        sock_read=cfg.stream_idle_timeout_s,
     )
 
     async def attempt(access_token: str) -> aiohttp.ClientResponse:
@@ -111,7 +116,11 @@ async def forward(request: web.Request) -> web.StreamResponse:
         upstream.release()
         record = await services.tokens.after_rejection(user_key, record)
         upstream = await attempt(record.access_token)
-    return await stream_back(request, upstream)
+    tap = QuotaErrorTap.of(services.metrics, upstream)
+    response = await stream_back(request, upstream, on_chunk=tap)
+    if tap is not None:
+        tap.record()
+    return response
 
 
 def add_routes(app: web.Application) -> None:

@@ -133,8 +133,11 @@ async def stream_back(
     upstream: aiohttp.ClientResponse,
     *,
     adjust_response: Callable[[CIMultiDict[str], aiohttp.ClientResponse], None] | None = None,
+    on_chunk: Callable[[bytes], None] | None = None,
 ) -> web.StreamResponse:
     """Stream ``upstream``'s answer to the client as it arrives, then release it.
+
+    ``on_chunk`` sees each chunk before it is written (the metrics read small error bodies).
 
     A failure mid-stream can no longer change the status, so the client connection is cut (a
     truncated body must not look complete).
@@ -151,6 +154,8 @@ async def stream_back(
         await response.prepare(request)
         try:
             async for chunk in upstream.content.iter_any():
+                if on_chunk is not None:
+                    on_chunk(chunk)
                 await response.write(chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("upstream stream broke after the response started: %s", type(exc).__name__)

@@ -58,8 +58,12 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             connect_timeout_s=cfg.connect_timeout_s,
             unavailable=UpstreamUnavailable,
         )
+    # connect bounds the wait for a pooled connection too: a full pool answers 502, never hangs.
     timeout = aiohttp.ClientTimeout(
-        total=None, sock_connect=cfg.connect_timeout_s, sock_read=cfg.idle_timeout_s
+        total=None,
+        connect=cfg.connect_timeout_s,
+        sock_connect=cfg.connect_timeout_s,
+        sock_read=cfg.idle_timeout_s,
     )
     return await relay(
         request,

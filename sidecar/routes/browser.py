@@ -74,6 +74,7 @@ async def connect(request: web.Request) -> web.StreamResponse:
                 headers=NO_STORE,
             )
         raise NotSignedIn
+    services.metrics.connects_started.inc()
     pkce = Pkce.generate()
     state = secrets.token_hex(32)
     redirect_uri = callback_uri(request, services)
@@ -104,6 +105,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
         target = await _complete(request, services, response)
     except CallbackError as exc:
         log.info("connect failed: %s", exc.code, extra={"detail": exc.detail})
+        services.metrics.connect_failed(exc.code)
         target = with_query(services.config.redirects.after_error, quota_error=exc.code)
     response.headers["Location"] = target
     return response
@@ -144,6 +146,7 @@ async def _complete(request: web.Request, services: Services, response: web.Stre
         await services.tokens.revoke_orphan(record)
         raise CallbackError(exc.code, detail=exc.detail) from None
     log.info("wallet connected", extra={"user_key": found.user_key[:16]})
+    services.metrics.connects_completed.inc()
     return found.return_to
 
 

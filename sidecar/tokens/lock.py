@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from sidecar.errors import RefreshUnavailable, StoreUnavailable
+from sidecar.metrics import Metrics
 from sidecar.tokens.redis_store import REDIS_ERRORS, RedisTokenStore
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,12 @@ POLL_INTERVAL_S = 0.5
 
 
 @contextlib.contextmanager
-def _store_errors(operation: str) -> Iterator[None]:
+def _store_errors(operation: str, metrics: Metrics | None = None) -> Iterator[None]:
     try:
         yield
     except REDIS_ERRORS as exc:
+        if metrics is not None:
+            metrics.store_failed(operation)
         raise StoreUnavailable(detail=f"redis {operation}: {type(exc).__name__}") from exc
 
 
@@ -77,7 +80,9 @@ class RedisRefreshCoordinator:
         lock_ttl_s: float,
         max_wait_s: float,
         poll_interval_s: float = POLL_INTERVAL_S,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._store = store
         self._client = store.client
         self._ttl_ms = max(1, int(lock_ttl_s * 1000))
@@ -124,11 +129,14 @@ class RedisRefreshCoordinator:
         woken = asyncio.Event()
         self._waiters.setdefault(user_key, set()).add(woken)  # before SET NX: no lost wake-up
         counted = False
+        wait_started = loop.time()
         try:
             while True:
                 woken.clear()
-                with _store_errors("lock"):
+                with _store_errors("lock", self._metrics):
                     if await self._client.set(key, token, nx=True, px=self._ttl_ms):
+                        if counted:
+                            self._waited("acquired", loop.time() - wait_started)
                         return
                     remaining_ms = await self._client.pttl(key)
                 if remaining_ms == -2:
@@ -136,9 +144,11 @@ class RedisRefreshCoordinator:
                 if not counted:
                     self.lock_waits += 1
                     counted = True
+                    wait_started = loop.time()
                 self._ensure_listener()
                 left = deadline - loop.time()
                 if left <= 0:
+                    self._waited("timeout", loop.time() - wait_started)
                     raise RefreshUnavailable(
                         detail="another replica's refresh for this user did not finish in time"
                     )
@@ -151,6 +161,10 @@ class RedisRefreshCoordinator:
                 waiters.discard(woken)
                 if not waiters:
                     del self._waiters[user_key]
+
+    def _waited(self, outcome: str, seconds: float) -> None:
+        if self._metrics is not None:
+            self._metrics.lock_wait.labels(outcome).observe(seconds)
 
     async def _keep_alive(self, key: str, token: str) -> None:
         interval = self._ttl_ms / 3000

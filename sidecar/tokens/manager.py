@@ -35,6 +35,7 @@ from sidecar.errors import (
     StoreUnavailable,
     WalletNotConnected,
 )
+from sidecar.metrics import Metrics
 from sidecar.oauth import QuotaClient, QuotaOAuthError
 from sidecar.tokens.model import TokenRecord
 from sidecar.tokens.store import TokenStore
@@ -69,8 +70,10 @@ class TokenManager:
         refresh_skew_s: float,
         clock: Callable[[], float] = time.time,
         coordinator: RefreshCoordinator | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
+        self._metrics = metrics or Metrics(process=False)
         self._quota = quota
         self._skew = refresh_skew_s
         self._clock = clock
@@ -98,6 +101,7 @@ class TokenManager:
         """Store a new grant, replacing any earlier one (whose refresh token is then revoked)."""
         previous = await self.store.get(user_key)
         written = await self.store.put(user_key, record)
+        self._metrics.wallets_connected.inc()
         if previous is not None and previous.refresh_token != record.refresh_token:
             await self._revoke_quietly(previous.refresh_token, reason="replaced by a new connect")
         return written
@@ -108,6 +112,7 @@ class TokenManager:
         if record is None:
             return False
         await self.store.delete(user_key)
+        self._metrics.wallets_disconnected.labels("user").inc()
         await self._revoke_quietly(record.refresh_token, reason="disconnect")
         return True
 
@@ -136,8 +141,10 @@ class TokenManager:
                 raise WalletNotConnected
             if stale_version is None:
                 if not record.expires_within(self._clock(), self._skew):
+                    self._metrics.refreshed("already_fresh")
                     return record  # refreshed by another replica while we waited
             elif record.version != stale_version:
+                self._metrics.refreshed("already_fresh")
                 return record  # the rejected token was already replaced
             return await self._rotate(user_key, record)
 
@@ -148,13 +155,18 @@ class TokenManager:
             current = await self.store.get(user_key)
             if current is not None and current.refresh_token != record.refresh_token:
                 log.info("refresh skipped: the token was already rotated (grace record)")
+                self._metrics.refreshed("grace_hit")
                 return current
+            self._metrics.refreshed("transient")
             raise RefreshUnavailable(detail="refresh token already rotated; new record not visible")
         try:
             fresh = await self._quota.refresh(record.refresh_token)
         except QuotaOAuthError as exc:
             if exc.grant_ended:
+                self._metrics.refreshed("invalid_grant")
                 deleted = await self.store.compare_and_delete(user_key, record.version)
+                if deleted:
+                    self._metrics.wallets_disconnected.labels("grant_ended").inc()
                 log.info(
                     "refresh refused by Quota (%s); grant %s",
                     exc.code,
@@ -171,12 +183,14 @@ class TokenManager:
 
         written = await self.store.compare_and_set(user_key, record.version, fresh)
         if written is not None:
+            self._metrics.refreshed("ok")
             try:
                 await self.store.remember_rotation(user_key, record.refresh_token, GRACE_S)
             except StoreUnavailable:
                 log.warning("could not write the grace record of a rotation; the record is saved")
             return written
         # The record changed under us: a disconnect (or a new connect) won. Do not resurrect.
+        self._metrics.refreshed("discarded")
         await self._revoke_quietly(fresh.refresh_token, reason="record changed during refresh")
         current = await self.store.get(user_key)
         if current is None:
@@ -185,6 +199,7 @@ class TokenManager:
 
     def _fallback(self, record: TokenRecord, why: str) -> TokenRecord:
         """Transient refresh failure: keep the record; use its access token while it still works."""
+        self._metrics.refreshed("transient")
         if record.is_valid_at(self._clock()):
             log.warning("refresh failed (%s); using the current access token until it expires", why)
             return record

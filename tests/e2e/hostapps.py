@@ -68,7 +68,11 @@ async def sidecar_in_front_of(upstream_url: str, internal_port: int) -> AsyncIte
                     "client_id": client.client_id,
                     "client_secret": client.client_secret,
                 },
-                "listen": {"public": f"localhost:{port}", "internal": f"127.0.0.1:{internal_port}"},
+                "listen": {
+                    "public": f"localhost:{port}",
+                    "internal": f"127.0.0.1:{internal_port}",
+                    "admin": "off",
+                },
                 "upstream": {"url": upstream_url},
                 "session": {"secret": secrets.token_urlsafe(32)},
                 "log": {"format": "text"},

@@ -47,6 +47,7 @@ class Stack:
     store: TokenStore
     public_url: str
     internal_url: str
+    admin_url: str
     browser: Browser
     backend: aiohttp.ClientSession  # the host app's backend calling the internal listener
 
@@ -91,11 +92,16 @@ def config_overrides() -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture
+def store_spec(store_kind: str, redis_url: str) -> str:
+    """Where the sidecar keeps tokens; override to point it elsewhere (a proxy, a cluster)."""
+    return "memory" if store_kind == "memory" else redis_url
+
+
+@pytest.fixture
 async def stack(
     aiohttp_server: Callable[..., Any],
     clock: FakeClock,
-    store_kind: str,
-    redis_url: str,
+    store_spec: str,
     redis_prefix: str,
     config_overrides: dict[str, dict[str, Any]],
 ) -> AsyncIterator[Stack]:
@@ -118,18 +124,18 @@ async def stack(
             "client_id": client.client_id,
             "client_secret": client.client_secret,
         },
-        "listen": {"public": f"127.0.0.1:{port}", "internal": "127.0.0.1:0"},
+        "listen": {
+            "public": f"127.0.0.1:{port}",
+            "internal": "127.0.0.1:0",
+            "admin": "127.0.0.1:0",
+        },
         "upstream": {"url": upstream_url},
         "tokens": {"key_prefix": redis_prefix},
     }
     for name, values in config_overrides.items():
         sections.setdefault(name, {}).update(values)
     config = make_config(**sections)
-    store = create_store(
-        "memory" if store_kind == "memory" else redis_url,
-        make_sealer(config),
-        prefix=redis_prefix,
-    )
+    store = create_store(store_spec, make_sealer(config), prefix=redis_prefix)
     browser = Browser()
     backend = aiohttp.ClientSession()
     async with open_services(config, clock=clock, store=store) as services:
@@ -148,6 +154,7 @@ async def stack(
                 store=store,
                 public_url=public_url,
                 internal_url=sidecar.urls["internal"],
+                admin_url=sidecar.urls["admin"],
                 browser=browser,
                 backend=backend,
             )

@@ -37,6 +37,9 @@ class Replica:
             **base_env,
             "QUOTA_SIDECAR__LISTEN__PUBLIC": f"127.0.0.1:{public}",
             "QUOTA_SIDECAR__LISTEN__INTERNAL": f"127.0.0.1:{internal}",
+            "QUOTA_SIDECAR__LISTEN__ADMIN": f"127.0.0.1:{free_port()}",
+            # Nothing routes to these replicas: no load balancer to wait for at shutdown.
+            "QUOTA_SIDECAR__SHUTDOWN__DRAIN_DELAY_S": "0",
         }
         return cls(
             env=env,

@@ -14,7 +14,17 @@ import pytest
 
 from tests.integration.conftest import free_port
 
-COMMANDS = ["run", "check-config", "demo", "mock-quota", "rotate-keys"]
+COMMANDS = [
+    "run",
+    "check-config",
+    "demo",
+    "mock-quota",
+    "rotate-keys",
+    "init",
+    "doctor",
+    "gen-secret",
+    "version",
+]
 
 
 @pytest.mark.parametrize("command", [[], *[[c] for c in COMMANDS]])
@@ -71,6 +81,8 @@ async def test_run_serves_both_listeners_and_exits_0_on_sigterm(tmp_path: Path) 
         "QUOTA_SIDECAR__LISTEN__PUBLIC": f"127.0.0.1:{public}",
         "QUOTA_SIDECAR__LISTEN__INTERNAL": f"127.0.0.1:{internal}",
         "QUOTA_SIDECAR__UPSTREAM__URL": f"http://127.0.0.1:{free_port()}",
+        "QUOTA_SIDECAR__LISTEN__ADMIN": f"127.0.0.1:{free_port()}",
+        "QUOTA_SIDECAR__SHUTDOWN__DRAIN_DELAY_S": "0",
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "sidecar"],

@@ -106,7 +106,10 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
             "listen.internal: binds to 0.0.0.0, off loopback",
         ),
         ({"listen": {"public": "8080"}}, "listen.public: must be host:port"),
-        ({"tokens": {"store": "mysql://x"}}, "tokens.store: token store: got a mysql:// URL; expected 'memory'"),
+        (
+            {"tokens": {"store": "mysql://x"}},
+            "tokens.store: token store: got a mysql:// URL; expected 'memory'",
+        ),
         ({"tokens": {"encryption_keys": ["short"]}}, "tokens.encryption_keys[0]: must be 32 bytes"),
         ({"tokens": {"refresh_skew_s": "soon"}}, "tokens.refresh_skew_s: must be a number"),
         (
@@ -171,3 +174,9 @@ def test_check_config_prints_the_effective_config_masked(tmp_path: Path) -> None
     assert "client_secret: '***'" in result.stdout
     assert "quota_secret_y" not in result.stdout
     assert "z" * 32 not in result.stdout
+
+
+def test_a_bare_yaml_off_turns_the_admin_listener_off(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("listen:\n  admin: off\n")
+    assert load_config(config, GOOD_ENV).listen.admin_address is None

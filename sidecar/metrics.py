@@ -1,0 +1,278 @@
+"""The sidecar's Prometheus metrics: one registry per ``Services``, bounded label sets only.
+
+Every instrument lives on a ``Metrics`` object made in ``open_services`` and passed to whoever
+records (the token manager, the refresh lock, the request middleware, the client traces), so
+many sidecars can run in one process — as the tests do — without sharing a global registry.
+
+No label ever carries a user id, a URL or a token. Labels taken from outside (Quota's error
+codes, the ``error`` a browser brings back to the callback) go through ``BoundedLabel``: codes
+in a known set pass, a few more well-formed ones are admitted, and everything past that is
+counted as ``other``.
+
+Names (all prefixed ``quota_sidecar_``), and what they answer:
+
+    requests_total{listener,route,status}        what the listeners answered
+    request_duration_seconds{listener,route}     whole handler time (streams included)
+    added_latency_seconds{listener,route}        the sidecar's own time before the response
+                                                 started, upstream waits subtracted (observe.py)
+    quota_request_duration_seconds{call}         Quota's time to answer (to its headers)
+    quota_errors_total{call,code}                Quota's error codes on /v1, and transport errors
+    app_request_duration_seconds{call}           the host app's time to answer (probe, proxy)
+    app_errors_total{call,code}                  transport errors towards the host app
+    open_streams{listener,route}                 responses whose body is still flowing
+    websocket_connections{listener,route}        WebSockets being relayed
+    refreshes_total{outcome}                     token refreshes and how they ended
+    refresh_lock_wait_seconds{outcome}           waits for another replica's refresh lease
+    store_errors_total{operation}                token store calls that failed
+    connects_started_total / _completed_total / _failed_total{quota_error}
+    wallets_connected_total / wallets_disconnected_total{reason}
+    build_info{version}
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+from sidecar import __version__
+
+PREFIX = "quota_sidecar"
+
+# Whole requests: from a millisecond to a long stream.
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# The sidecar's own share: well under a millisecond when all is well.
+ADDED_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+# A remote party's time to answer (model calls answer headers after the first token).
+REMOTE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+LOCK_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+REFRESH_OUTCOMES = (
+    "ok",  # Quota issued new tokens and they were stored
+    "invalid_grant",  # Quota ended the grant (invalid_grant and kin): the user must reconnect
+    "transient",  # Quota unavailable, 5xx or 429: the record was kept
+    "grace_hit",  # the token had just been rotated elsewhere: its successor was used
+    "already_fresh",  # another request or replica refreshed first: no call to Quota
+    "discarded",  # refreshed, but the record changed meanwhile (disconnect won): revoked
+)
+DISCONNECT_REASONS = ("user", "grant_ended")
+
+# OAuth (RFC 6749 §4.1.2.1, §5.2) and the sidecar's own callback failures.
+CONNECT_ERRORS = frozenset(
+    {
+        "access_denied",
+        "invalid_request",
+        "invalid_scope",
+        "server_error",
+        "temporarily_unavailable",
+        "unauthorized_client",
+        "unsupported_response_type",
+        "invalid_callback",
+        "state_mismatch",
+        "identity_changed",
+        "token_exchange_failed",
+        "store_unavailable",
+        "upstream_unavailable",
+        "quota_unavailable",
+    }
+)
+# Quota's documented error codes on its API.
+QUOTA_ERRORS = frozenset(
+    {
+        "insufficient_credits",
+        "insufficient_scope",
+        "invalid_token",
+        "invalid_request",
+        "invalid_request_error",
+        "model_not_found",
+        "not_found",
+        "rate_limited",
+        "rate_limit_exceeded",
+        "server_error",
+        "unauthorized",
+        "unreachable",
+        "timeout",
+    }
+)
+
+_CODE = re.compile(r"^[a-z0-9_]{1,48}$")
+_HTTP_CODE = re.compile(r"^http_[1-5][0-9][0-9]$")  # bounded by HTTP itself
+
+
+class BoundedLabel:
+    """Turns a code from outside into a label value, keeping the set of values small.
+
+    Known codes always pass; up to ``extra`` other well-formed codes are admitted as they are
+    first seen (an error code new to this table stays visible); the rest become ``other``.
+    """
+
+    def __init__(self, known: Iterable[str], *, extra: int = 16) -> None:
+        self._known = frozenset(known)
+        self._extra = extra
+        self._admitted: set[str] = set()
+
+    def __call__(self, code: str | None) -> str:
+        if code is None or not _CODE.match(code):
+            return "other"
+        if code in self._known or code in self._admitted or _HTTP_CODE.match(code):
+            return code
+        if len(self._admitted) < self._extra:
+            self._admitted.add(code)
+            return code
+        return "other"
+
+
+def status_label(status: int) -> str:
+    """The status code as a label: HTTP's range is small; anything else is ``other``."""
+    return str(status) if 100 <= status <= 599 else "other"
+
+
+class Metrics:
+    """Every instrument of one sidecar, on its own ``CollectorRegistry``."""
+
+    def __init__(self, *, process: bool = True) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        if process:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
+        self.build_info = Gauge(
+            f"{PREFIX}_build_info", "The running version (always 1).", ["version"], registry=r
+        )
+        self.build_info.labels(__version__).set(1)
+
+        self.requests = Counter(
+            f"{PREFIX}_requests",
+            "Requests answered, by listener, route class and status code.",
+            ["listener", "route", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "Whole handler time, streamed bodies included.",
+            ["listener", "route"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.added_latency = Histogram(
+            f"{PREFIX}_added_latency_seconds",
+            "Time the sidecar itself added before the response started: time to the response "
+            "headers minus the time spent waiting for Quota or the host app to answer.",
+            ["listener", "route"],
+            buckets=ADDED_BUCKETS,
+            registry=r,
+        )
+        self.quota_duration = Histogram(
+            f"{PREFIX}_quota_request_duration_seconds",
+            "Quota's time to answer a call (until its response headers), by call kind.",
+            ["call"],
+            buckets=REMOTE_BUCKETS,
+            registry=r,
+        )
+        self.quota_errors = Counter(
+            f"{PREFIX}_quota_errors",
+            "Quota's error answers on /v1 by its error code (http_<status> when it gave none), "
+            "and calls that got no answer (unreachable, timeout).",
+            ["call", "code"],
+            registry=r,
+        )
+        self.app_duration = Histogram(
+            f"{PREFIX}_app_request_duration_seconds",
+            "The host app's time to answer (until its response headers): identity probe or proxy.",
+            ["call"],
+            buckets=REMOTE_BUCKETS,
+            registry=r,
+        )
+        self.app_errors = Counter(
+            f"{PREFIX}_app_errors",
+            "Calls to the host app that got no answer (unreachable, timeout).",
+            ["call", "code"],
+            registry=r,
+        )
+        self.open_streams = Gauge(
+            f"{PREFIX}_open_streams",
+            "Responses whose headers went out and whose body is still flowing (SSE, downloads).",
+            ["listener", "route"],
+            registry=r,
+        )
+        self.websockets = Gauge(
+            f"{PREFIX}_websocket_connections",
+            "WebSocket connections being relayed.",
+            ["listener", "route"],
+            registry=r,
+        )
+        self.refreshes = Counter(
+            f"{PREFIX}_refreshes",
+            "Token refreshes by outcome: " + ", ".join(REFRESH_OUTCOMES) + ".",
+            ["outcome"],
+            registry=r,
+        )
+        self.lock_wait = Histogram(
+            f"{PREFIX}_refresh_lock_wait_seconds",
+            "Waits for another replica's refresh lease (count and duration), by outcome.",
+            ["outcome"],
+            buckets=LOCK_BUCKETS,
+            registry=r,
+        )
+        self.store_errors = Counter(
+            f"{PREFIX}_store_errors",
+            "Token store calls that failed (store unreachable), by operation.",
+            ["operation"],
+            registry=r,
+        )
+        self.connects_started = Counter(
+            f"{PREFIX}_connects_started",
+            "Wallet connects started (a signed-in user sent to Quota's consent page).",
+            registry=r,
+        )
+        self.connects_completed = Counter(
+            f"{PREFIX}_connects_completed",
+            "Wallet connects that came back and stored tokens.",
+            registry=r,
+        )
+        self.connects_failed = Counter(
+            f"{PREFIX}_connects_failed",
+            "Wallet connects that came back and failed, by the quota_error sent to the app.",
+            ["quota_error"],
+            registry=r,
+        )
+        self.wallets_connected = Counter(
+            f"{PREFIX}_wallets_connected",
+            "Grants stored (a connect, or a reconnect replacing a grant).",
+            registry=r,
+        )
+        self.wallets_disconnected = Counter(
+            f"{PREFIX}_wallets_disconnected",
+            "Grants forgotten: by the user (disconnect) or because Quota ended them.",
+            ["reason"],
+            registry=r,
+        )
+        # Zero series for the fixed label sets, so rates and alerts exist before the first event.
+        for outcome in REFRESH_OUTCOMES:
+            self.refreshes.labels(outcome)
+        for reason in DISCONNECT_REASONS:
+            self.wallets_disconnected.labels(reason)
+        self.connect_error = BoundedLabel(CONNECT_ERRORS)
+        self.quota_error = BoundedLabel(QUOTA_ERRORS)
+
+    def refreshed(self, outcome: str) -> None:
+        self.refreshes.labels(outcome).inc()
+
+    def store_failed(self, operation: str) -> None:
+        self.store_errors.labels(operation).inc()
+
+    def connect_failed(self, quota_error: str) -> None:
+        self.connects_failed.labels(self.connect_error(quota_error)).inc()
+
+    def quota_failed(self, call: str, code: str | None) -> None:
+        self.quota_errors.labels(call, self.quota_error(code)).inc()

@@ -1,0 +1,290 @@
+"""Where each request's time goes: route classes, timings, request metrics and client traces.
+
+Added latency, measured: the ``observe`` middleware notes when a request's handler starts; the
+``on_response_prepare`` hook notes when its response headers go out; and a client trace on the
+Quota and host-app sessions adds up, for the request being handled, the time spent waiting for
+those parties to answer — from sending a call to receiving its response headers (the identity
+probe, a token refresh, the forwarded call itself)::
+
+    added = (time to the response headers) - (time waiting for Quota or the app to answer)
+
+A stream's body is not part of either term: how long Quota takes to send the rest is Quota's
+time. A request that waits on a refresh another request started counts that wait as its own
+(once per token expiry, at most). The traces also stamp ``X-Request-Id`` on every outgoing call
+(forwarded, proxied, OAuth, probe), so one id follows a request through every log.
+
+Route classes, a bounded label: ``auth`` (/auth/quota/*), ``v1`` (/v1/*, /v1beta/* on the
+internal listener), ``proxy`` (everything else on the public listener), ``admin``, ``other``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import aiohttp
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from prometheus_client import Counter, Gauge, Histogram
+from yarl import URL
+
+from sidecar import log as sidecar_log
+from sidecar.metrics import Metrics, status_label
+
+# nginx's convention for "the client closed the connection before the answer".
+CLIENT_CLOSED = 499
+V1_PREFIXES = ("/v1/", "/v1beta/")
+
+
+def route_class(listener: str, path: str) -> str:
+    if listener == "admin":
+        return "admin"
+    if path.startswith("/auth/quota/"):
+        return "auth"
+    if listener == "internal":
+        return "v1" if path.startswith(V1_PREFIXES) else "other"
+    return "proxy"
+
+
+@dataclass(slots=True)
+class Timing:
+    """One request's clock: when it started, what it waited on, when its headers went out."""
+
+    listener: str
+    route: str
+    started: float
+    upstream_s: float = 0.0
+    headers_s: float | None = None
+    added_s: float | None = None
+    handler_done: bool = False
+    gauge: Gauge | None = None  # the open-streams or WebSocket gauge this request holds
+    user_key: str | None = None
+
+    def finish(self, metrics: Metrics, status: int) -> None:
+        total = time.perf_counter() - self.started
+        self.handler_done = True
+        if self.gauge is not None:
+            self.gauge.dec()
+            self.gauge = None
+        to_headers = self.headers_s if self.headers_s is not None else total
+        self.added_s = max(0.0, to_headers - self.upstream_s)
+        metrics.requests.labels(self.listener, self.route, status_label(status)).inc()
+        metrics.request_duration.labels(self.listener, self.route).observe(total)
+        metrics.added_latency.labels(self.listener, self.route).observe(self.added_s)
+
+
+TIMING = web.RequestKey("timing", Timing)
+# The request being handled, for the client traces (they run in the handler's task, or in a
+# refresh task it started, which inherits this context).
+_current: contextvars.ContextVar[Timing | None] = contextvars.ContextVar("timing", default=None)
+
+
+def note_user(request: web.Request, user_key: str) -> None:
+    """Name the user in the access log by the first 16 characters of their (hashed) key."""
+    timing = request.get(TIMING)
+    if timing is not None:
+        timing.user_key = user_key[:16]
+
+
+def middleware(listener: str, metrics: Metrics) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Counts and times every request of one listener; outermost after the request id."""
+
+    @web.middleware
+    async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+        timing = Timing(listener, route_class(listener, request.path), time.perf_counter())
+        request[TIMING] = timing
+        token = _current.set(timing)
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED
+            raise
+        finally:
+            _current.reset(token)
+            timing.finish(metrics, status)
+
+    return observe
+
+
+def prepare_hook(
+    metrics: Metrics,
+) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    """``on_response_prepare``: note the time to headers; count a stream while it flows.
+
+    A response prepared while its handler still runs is streamed (the handler writes its body
+    after this point): it holds the open-streams gauge, or the WebSocket gauge, until the
+    handler returns.
+    """
+
+    async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+        timing = request.get(TIMING)
+        if timing is None or timing.headers_s is not None:
+            return
+        timing.headers_s = time.perf_counter() - timing.started
+        if not timing.handler_done:
+            family = (
+                metrics.websockets
+                if isinstance(response, web.WebSocketResponse)
+                else metrics.open_streams
+            )
+            timing.gauge = family.labels(timing.listener, timing.route)
+            timing.gauge.inc()
+
+    return on_prepare
+
+
+# --- outgoing calls ------------------------------------------------------------------------
+
+
+def quota_call(base_url: str) -> Callable[[URL], str]:
+    """Which kind of Quota call a URL is: ``v1``, ``oauth``, ``discovery`` or ``other``."""
+    base_path = URL(base_url).path.rstrip("/")
+
+    def classify(url: URL) -> str:
+        path = url.path
+        if base_path and path.startswith(base_path):
+            path = path[len(base_path) :]
+        if path.startswith(V1_PREFIXES):
+            return "v1"
+        if path.startswith("/oauth/"):
+            return "oauth"
+        if path.startswith("/.well-known/"):
+            return "discovery"
+        return "other"
+
+    return classify
+
+
+def app_call(upstream_url: str, probe_path: str) -> Callable[[URL], str]:
+    """Which kind of host-app call a URL is: the identity ``probe`` or a ``proxy``-ed request."""
+    probe = URL(upstream_url.rstrip("/") + probe_path).path
+
+    def classify(url: URL) -> str:
+        return "probe" if url.path == probe else "proxy"
+
+    return classify
+
+
+def client_trace(
+    classify: Callable[[URL], str], duration: Histogram, errors: Counter
+) -> aiohttp.TraceConfig:
+    """A trace for one outgoing session: request id, time to answer, calls with no answer."""
+    trace = aiohttp.TraceConfig()
+
+    async def on_start(
+        session: aiohttp.ClientSession,
+        ctx: SimpleNamespace,
+        params: aiohttp.TraceRequestStartParams,
+    ) -> None:
+        rid = sidecar_log.request_id.get()
+        if rid != "-":
+            params.headers["X-Request-Id"] = rid
+        ctx.call = classify(params.url)
+        ctx.started = time.perf_counter()
+
+    def waited(ctx: SimpleNamespace) -> float:
+        elapsed: float = time.perf_counter() - ctx.started
+        timing = _current.get()
+        if timing is not None:
+            timing.upstream_s += elapsed
+        return elapsed
+
+    async def on_end(
+        session: aiohttp.ClientSession,
+        ctx: SimpleNamespace,
+        params: aiohttp.TraceRequestEndParams,
+    ) -> None:
+        duration.labels(ctx.call).observe(waited(ctx))
+
+    async def on_exception(
+        session: aiohttp.ClientSession,
+        ctx: SimpleNamespace,
+        params: aiohttp.TraceRequestExceptionParams,
+    ) -> None:
+        waited(ctx)
+        exc = params.exception
+        if isinstance(exc, TimeoutError):
+            errors.labels(ctx.call, "timeout").inc()
+        elif isinstance(exc, aiohttp.ClientError | OSError):
+            errors.labels(ctx.call, "unreachable").inc()
+        # Anything else (a cancelled call, a body refused as too large) is not the remote's fault.
+
+    trace.on_request_start.append(on_start)
+    trace.on_request_end.append(on_end)
+    trace.on_request_exception.append(on_exception)
+    return trace
+
+
+# --- Quota's error codes on /v1 -------------------------------------------------------------
+
+# Error bodies are small; anything larger is not parsed (and never a 2xx body).
+ERROR_BODY_MAX_BYTES = 16 * 1024
+
+
+class QuotaErrorTap:
+    """Keeps a copy of a small JSON error body as it streams to the client, to count its code.
+
+    Only for non-2xx answers; the body still goes to the client untouched, chunk by chunk.
+    """
+
+    def __init__(self, metrics: Metrics, status: int) -> None:
+        self._metrics = metrics
+        self._status = status
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    @classmethod
+    def of(cls, metrics: Metrics, upstream: aiohttp.ClientResponse) -> QuotaErrorTap | None:
+        """A tap when the answer is an error; ``None`` (nothing to do) for a 1xx-3xx answer.
+
+        An error that cannot be parsed cheaply (not JSON, compressed, or large) is counted at
+        once as ``http_<status>``.
+        """
+        status = upstream.status
+        if status < 400:
+            return None
+        length = upstream.headers.get("Content-Length")
+        if (
+            "json" not in upstream.headers.get("Content-Type", "")
+            or upstream.headers.get("Content-Encoding", "identity") != "identity"
+            or (length is not None and (not length.isdigit() or int(length) > ERROR_BODY_MAX_BYTES))
+        ):
+            metrics.quota_failed("v1", f"http_{status}")
+            return None
+        return cls(metrics, status)
+
+    def __call__(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size <= ERROR_BODY_MAX_BYTES:
+            self._chunks.append(chunk)
+        else:
+            self._chunks.clear()
+
+    def record(self) -> None:
+        code = None
+        if self._size <= ERROR_BODY_MAX_BYTES:
+            code = error_code(b"".join(self._chunks))
+        self._metrics.quota_failed("v1", code or f"http_{self._status}")
+
+
+def error_code(body: bytes) -> str | None:
+    """``code`` from Quota's ``{"error": {"code": …}}`` (or RFC 6749's ``{"error": "…"}``)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    err = data.get("error") if isinstance(data, dict) else None
+    if isinstance(err, dict):
+        err = err.get("code")
+    return err if isinstance(err, str) else None
