@@ -79,7 +79,9 @@
 
   function fineDollars(credits) {
     if (credits === 0) return "$0.00";
-    return `$${(credits / 1e6).toFixed(Math.abs(credits) < 10000 ? 6 : 4)}`;
+    // Up to six decimals for sub-cent answers, without trailing zeros: $0.0071, not $0.007100.
+    const text = (credits / 1e6).toFixed(6).replace(/0+$/, "");
+    return `$${text.endsWith(".") ? text + "00" : text}`;
   }
 
   function showQueryErrors() {
