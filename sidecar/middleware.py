@@ -2,6 +2,7 @@
 
 Order (outermost first), written once in ``sidecar.app``:
 1. ``request_id`` — so every log line, including an error's, carries the id;
+   then ``sidecar.observe``'s request metrics, so they count the status the client gets;
 2. ``errors`` — renders ``SidecarError`` and anything unexpected in Quota's/OpenAI's error shape,
    ``{"error": {"message", "type", "code", "request_id"}}``, which every OpenAI SDK surfaces;
 3. listener-specific guards (the internal API key) — so their refusals are rendered by (2).

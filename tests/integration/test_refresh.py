@@ -7,6 +7,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from sidecar.app import Sidecar
 from sidecar.config import ListenConfig
@@ -124,7 +125,9 @@ async def test_disconnect_during_an_in_flight_refresh_stays_disconnected(stack: 
     assert await stack.store.get(stack.user_key("alice")) is None
 
 
-async def test_a_client_that_goes_away_does_not_cancel_the_refresh(stack: Stack) -> None:
+async def test_a_client_that_goes_away_does_not_cancel_the_refresh(
+    stack: Stack, redis_client: aioredis.Redis
+) -> None:
     await stack.connect("alice")
     old = await stack.store.get(stack.user_key("alice"))
     await expire_soon(stack)
@@ -140,13 +143,16 @@ async def test_a_client_that_goes_away_does_not_cancel_the_refresh(stack: Stack)
     assert stack.quota.counters["token.refresh_ok"] == 1
     assert (await stack.chat("alice")).status == 200
     assert stack.quota.counters["token.refresh_token"] == 1
+    lock_key = f"{stack.config.tokens.key_prefix}:{{{stack.user_key('alice')}}}:lock"
+    assert await redis_client.exists(lock_key) == 0  # the lease was given back
 
 
 async def test_store_down_is_503_store_unavailable_and_deletes_nothing(stack: Stack) -> None:
     await stack.connect("alice")
     dead = create_store(f"redis://127.0.0.1:{free_port()}/0", make_sealer(stack.config))
     config = replace(
-        stack.config, listen=ListenConfig(public="127.0.0.1:0", internal="127.0.0.1:0")
+        stack.config,
+        listen=ListenConfig(public="127.0.0.1:0", internal="127.0.0.1:0", admin="off"),
     )
     async with open_services(config, clock=stack.clock, store=dead) as services:
         sidecar = Sidecar(services)
@@ -265,3 +271,36 @@ async def test_a_late_request_holding_a_rotated_token_uses_the_new_pair_not_quot
     assert got.refresh_token == new.refresh_token
     assert stack.quota.counters["token.refresh_token"] == 1  # no spent token sent to Quota
     assert stack.quota.counters["token.refresh_reuse"] == 0
+
+
+async def test_invalid_grant_deletes_only_the_record_that_failed(stack: Stack) -> None:
+    await stack.connect("alice")
+    await expire_soon(stack)
+    failing = await stack.store.get(stack.user_key("alice"))
+    assert failing is not None
+    # Quota refuses this refresh, slowly; meanwhile "another replica" stores a newer grant.
+    stack.quota.settings.token_delay_s = 0.3
+    stack.quota.settings.token_fail_status = 400
+    stack.quota.settings.token_fail_count = 1
+    chat = asyncio.create_task(stack.chat("alice"))
+    await asyncio.sleep(0.1)
+    newer = stack.quota.issue_grant(stack.client.client_id, "alice@example.com")
+    from sidecar.tokens.model import TokenRecord
+
+    written = await stack.store.compare_and_set(
+        stack.user_key("alice"),
+        failing.version,
+        TokenRecord(
+            access_token=newer["access_token"],
+            refresh_token=newer["refresh_token"],
+            expires_at=stack.clock() + newer["expires_in"],
+            scope=newer["scope"],
+            obtained_at=stack.clock(),
+        ),
+    )
+    assert written is not None
+    resp = await chat
+    assert resp.status == 200  # served with the newer grant
+    kept = await stack.store.get(stack.user_key("alice"))
+    assert kept is not None
+    assert kept.refresh_token == newer["refresh_token"]
