@@ -125,7 +125,7 @@ def _stop(server: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real Redis: ``REDIS_URL`` if set, else a server started for this session."""
+    """A real Redis: ``REDIS_URL`` if set, else a server started for this test run."""
     from_env = os.environ.get("REDIS_URL")
     if from_env:
         yield from_env
