@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from . import api, authorize, control, developers, messages, oidc, token_endpoint
+from . import api, authorize, control, developers, messages, oidc, realtime, token_endpoint
 from .middleware import record_requests, render_errors
 from .state import MOCK_QUOTA_KEY, MockQuota
 
@@ -20,6 +20,6 @@ def create_app(state: MockQuota) -> web.Application:
         middlewares=[render_errors, record_requests], client_max_size=CLIENT_MAX_SIZE
     )
     app[MOCK_QUOTA_KEY] = state
-    for module in (oidc, authorize, token_endpoint, api, messages, developers, control):
+    for module in (oidc, authorize, token_endpoint, api, messages, realtime, developers, control):
         app.add_routes(module.routes())
     return app

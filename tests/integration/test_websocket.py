@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import aiohttp
 import pytest
@@ -53,3 +54,43 @@ async def test_a_refused_upgrade_returns_the_upstreams_answer(stack: Stack) -> N
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             await http.ws_connect(f"{stack.public_url}/not-a-websocket")
         assert refused.value.status == 200 or refused.value.status >= 400
+
+
+async def test_a_v1_websocket_reaches_quota_with_the_users_token_not_the_clients(
+    stack: Stack,
+) -> None:
+    await stack.connect("alice")
+    url = f"{stack.internal_url}/v1/realtime".replace("http://", "ws://")
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(
+            url,
+            headers={
+                "X-Quota-User": "alice",
+                "Authorization": "Bearer sk-quota-hostappkey",
+                "Connection": "keep-alive, Upgrade",
+            },
+        ) as ws,
+    ):
+        await ws.send_str("hello")
+        echo = json.loads((await ws.receive(timeout=5)).data)
+        assert echo["type"] == "echo"
+        assert echo["text"] == "hello"
+        await ws.send_bytes(b"\x01\x02")
+        assert (await ws.receive(timeout=5)).data == b"\x01\x02"
+        await ws.send_str("close:4002")
+        msg = await ws.receive(timeout=5)
+        assert msg.type is aiohttp.WSMsgType.CLOSE
+        assert ws.close_code == 4002
+    assert stack.quota.counters["realtime.sessions"] == 1
+    sent = [r for r in stack.quota.requests if r.path == "/v1/realtime"][-1]
+    assert sent.headers["Authorization"].startswith("Bearer quota_token_")
+    assert "X-Quota-User" not in sent.headers
+
+
+async def test_a_v1_websocket_without_a_wallet_is_refused_before_the_upgrade(stack: Stack) -> None:
+    url = f"{stack.internal_url}/v1/realtime".replace("http://", "ws://")
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(url, headers={"X-Quota-User": "nobody"})
+    assert refused.value.status == 401
