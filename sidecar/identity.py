@@ -40,8 +40,12 @@ def header_identity(request: web.Request, services: Services) -> str:
     values = [v for k, v in request.headers.items() if fold(k) == wanted]
     if not values:
         raise IdentityMissing
-    if len(values) > 1 or not valid_user_id(values[0], services.config.identity.max_length):
-        raise IdentityInvalid
+    max_length = services.config.identity.max_length
+    if len(values) > 1 or not valid_user_id(values[0], max_length):
+        raise IdentityInvalid(
+            f"The user identity is not usable: it must be 1 to {max_length} visible characters, "
+            "sent once."
+        )
     observe.note_user(request, services.user_key(values[0]))
     return values[0]
 

@@ -69,7 +69,13 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         if not hasattr(record, "request_id"):
             record.request_id = request_id.get()
-        return redact(super().format(record))
+        extras = " ".join(
+            f"{key}={value}"
+            for key, value in record.__dict__.items()
+            if key not in JsonFormatter._SKIP and key != "request_id" and not key.startswith("_")
+        )
+        line = super().format(record)
+        return redact(f"{line} {extras}" if extras else line)
 
 
 def configure(level: str = "info", fmt: str = "json") -> None:

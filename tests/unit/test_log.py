@@ -80,3 +80,13 @@ def test_json_lines_are_valid_json_with_a_request_id() -> None:
     assert entry["status"] == 200
     assert entry["request_id"] == "-"
     assert entry["level"] == "info"
+
+
+def test_the_text_format_keeps_extra_fields_and_still_masks_them() -> None:
+    logger, stream = _capture(TextFormatter())
+    logger.info(
+        "connect failed", extra={"detail": "Quota said invalid_token", "auth": "Bearer abc"}
+    )
+    line = stream.getvalue()
+    assert "detail=Quota said invalid_token" in line
+    assert "abc" not in line
