@@ -18,8 +18,8 @@ from yarl import URL
 
 from sidecar.errors import InvalidPath, QuotaUnavailable
 from sidecar.forwarding.headers import FORWARDED, filter_headers
-from sidecar.forwarding.stream import replayable_body, send, stream_back
-from sidecar.forwarding.websocket import HANDSHAKE, is_upgrade, relay_websocket
+from sidecar.forwarding.stream import replayable_body, send, stream_back, stream_timeout
+from sidecar.forwarding.websocket import is_upgrade, relay_websocket
 from sidecar.identity import header_identity
 from sidecar.observe import QuotaErrorTap
 from sidecar.services import SERVICES, Services
@@ -79,8 +79,6 @@ async def forward(request: web.Request) -> web.StreamResponse:
     cfg = services.config.quota
     if is_upgrade(request):  # e.g. the realtime voice route
         headers = outgoing_headers(request, services, record.access_token)
-        for name in HANDSHAKE:
-            headers.popall(name, None)
         return await relay_websocket(
             request,
             services.quota_http,
@@ -92,13 +90,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     body, replayable = await replayable_body(
         request, cfg.replay_max_bytes, services.config.limits.max_v1_body_bytes
     )
-    # connect bounds the wait for a pooled connection too: a full pool answers 502, never hangs.
-    timeout = aiohttp.ClientTimeout(
-        total=None,
-        connect=cfg.connect_timeout_s,
-        sock_connect=cfg.connect_timeout_s,
-        sock_read=cfg.stream_idle_timeout_s,
-    )
+    timeout = stream_timeout(cfg.connect_timeout_s, cfg.stream_idle_timeout_s)
 
     async def attempt(access_token: str) -> aiohttp.ClientResponse:
         return await send(

@@ -99,6 +99,15 @@ async def _then_rest(head: list[bytes], rest: aiohttp.StreamReader) -> AsyncIter
         yield chunk
 
 
+def stream_timeout(connect_s: float, idle_s: float) -> aiohttp.ClientTimeout:
+    """Timeouts that fit streams: no total, ``idle_s`` between reads, and ``connect_s`` for the
+    connection — which also bounds the wait for a free pooled one, so a full pool answers 502
+    instead of hanging."""
+    return aiohttp.ClientTimeout(
+        total=None, connect=connect_s, sock_connect=connect_s, sock_read=idle_s
+    )
+
+
 async def send(
     request: web.Request,
     http: aiohttp.ClientSession,

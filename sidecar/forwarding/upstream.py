@@ -8,15 +8,14 @@ client-sent ``X-Forwarded-*`` (kept only from trusted proxies), then sets ``X-Fo
 
 from __future__ import annotations
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar.errors import UpstreamUnavailable
 from sidecar.forwarding.headers import FORWARDED, add_forwarded, filter_headers, strip_cookie
-from sidecar.forwarding.stream import relay, request_body
-from sidecar.forwarding.websocket import HANDSHAKE, is_upgrade, relay_websocket
+from sidecar.forwarding.stream import relay, request_body, stream_timeout
+from sidecar.forwarding.websocket import is_upgrade, relay_websocket
 from sidecar.services import SERVICES, Services
 
 
@@ -48,8 +47,6 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     url = URL(cfg.url.rstrip("/") + raw + (f"?{query}" if query else ""), encoded=True)
     if is_upgrade(request):
         headers = upstream_headers(request, services)
-        for name in HANDSHAKE:
-            headers.popall(name, None)
         return await relay_websocket(
             request,
             services.upstream_http,
@@ -58,13 +55,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             connect_timeout_s=cfg.connect_timeout_s,
             unavailable=UpstreamUnavailable,
         )
-    # connect bounds the wait for a pooled connection too: a full pool answers 502, never hangs.
-    timeout = aiohttp.ClientTimeout(
-        total=None,
-        connect=cfg.connect_timeout_s,
-        sock_connect=cfg.connect_timeout_s,
-        sock_read=cfg.idle_timeout_s,
-    )
+    timeout = stream_timeout(cfg.connect_timeout_s, cfg.idle_timeout_s)
     return await relay(
         request,
         services.upstream_http,

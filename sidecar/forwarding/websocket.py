@@ -62,18 +62,27 @@ async def relay_websocket(
     connect_timeout_s: float,
     unavailable: type[SidecarError] | None = None,
 ) -> web.StreamResponse:
+    """Open the upstream WebSocket (within ``connect_timeout_s``), then pump both ways.
+
+    ``headers`` are the request headers as forwarded; the client's handshake headers are dropped
+    here, since aiohttp makes its own for the upstream leg.
+    """
+    headers = headers.copy()
+    for name in HANDSHAKE:
+        headers.popall(name, None)
     protocols = requested_protocols(request)
     ws_url = url.with_scheme("wss" if url.scheme == "https" else "ws")
     try:
-        upstream = await http.ws_connect(
-            ws_url,
-            headers=headers,
-            protocols=protocols,
-            autoping=False,
-            autoclose=False,
-            timeout=aiohttp.ClientWSTimeout(ws_close=10),
-            max_msg_size=0,
-        )
+        async with asyncio.timeout(connect_timeout_s):  # connect and the handshake's answer
+            upstream = await http.ws_connect(
+                ws_url,
+                headers=headers,
+                protocols=protocols,
+                autoping=False,
+                autoclose=False,
+                timeout=aiohttp.ClientWSTimeout(ws_close=10),
+                max_msg_size=0,
+            )
     except aiohttp.WSServerHandshakeError as exc:
         # The upstream refused the upgrade: answer with its status, as a plain proxy would.
         return web.Response(status=exc.status or 502, text=exc.message or "")
