@@ -27,6 +27,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -35,6 +36,7 @@ import redis.asyncio as aioredis
 from sidecar.tokens.crypto import Sealer
 from sidecar.tokens.factory import create_store
 from sidecar.tokens.redis_store import RedisTokenStore
+from tests.support import TcpProxy
 
 REDIS_START_TIMEOUT_S = 10.0
 CLUSTER_START_TIMEOUT_S = 20.0
@@ -353,3 +355,16 @@ def redis_sentinel_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
     finally:
         for server in servers:
             _stop(server)
+
+
+@pytest.fixture
+async def redis_proxy(redis_url: str) -> AsyncIterator[TcpProxy]:
+    """A TCP proxy in front of the test Redis: ``stop()`` makes Redis unreachable, ``start()``
+    brings it back with its data (point a store at ``through(redis_proxy, redis_url)``)."""
+    parts = urlsplit(redis_url)
+    if parts.scheme != "redis" or parts.hostname is None:
+        pytest.skip("the proxy forwards plain TCP; REDIS_URL is not a redis:// URL")
+    proxy = TcpProxy(parts.hostname, parts.port or 6379)
+    await proxy.start()
+    yield proxy
+    await proxy.stop()

@@ -4,29 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
 
 from tests.integration.conftest import Stack
-from tests.integration.test_token_store_contract import TcpProxy, through
 from tests.scrape import scrape
+from tests.support import TcpProxy, through
 
 WAIT_S = 10.0
-
-
-@pytest.fixture
-async def redis_proxy(redis_url: str) -> AsyncIterator[TcpProxy]:
-    parts = urlsplit(redis_url)
-    if parts.scheme != "redis" or parts.hostname is None:
-        pytest.skip("the proxy forwards plain TCP; REDIS_URL is not a redis:// URL")
-    proxy = TcpProxy(parts.hostname, parts.port or 6379)
-    await proxy.start()
-    yield proxy
-    await proxy.stop()
 
 
 @pytest.fixture

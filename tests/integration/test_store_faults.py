@@ -4,24 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from urllib.parse import urlsplit
 
 import pytest
 
 from tests.integration.conftest import Stack
-from tests.integration.test_token_store_contract import TcpProxy, through
-
-
-@pytest.fixture
-async def redis_proxy(redis_url: str) -> AsyncIterator[TcpProxy]:
-    parts = urlsplit(redis_url)
-    if parts.scheme != "redis" or parts.hostname is None:
-        pytest.skip("the proxy forwards plain TCP; REDIS_URL is not a redis:// URL")
-    running = TcpProxy(parts.hostname, parts.port or 6379)
-    await running.start()
-    yield running
-    await running.stop()
+from tests.support import TcpProxy, through
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis.asyncio as aioredis
@@ -26,6 +25,7 @@ from sidecar.tokens.memory import MemoryTokenStore
 from sidecar.tokens.model import TokenRecord
 from sidecar.tokens.redis_store import RedisClient, RedisTokenStore
 from sidecar.tokens.store import SealState, TokenStore
+from tests.support import TcpProxy, through
 
 MakeSealer = Callable[..., Sealer]
 GRACE_TTL_S = 0.2  # short enough to wait out in a test
@@ -560,77 +560,15 @@ def test_create_store_rejects_a_spec_in_no_accepted_form_without_echoing_it(
     assert "hunter2" not in str(caught.value)
 
 
-class TcpProxy:
-    """Forwards a loopback port to Redis; ``stop`` cuts every connection, ``start`` reopens."""
-
-    def __init__(self, target_host: str, target_port: int) -> None:
-        self._target = (target_host, target_port)
-        self._server: asyncio.Server | None = None
-        self._pipes: set[asyncio.Task[None]] = set()
-        self.port = 0
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._connect, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-        for pipe in self._pipes:
-            pipe.cancel()
-        await asyncio.gather(*self._pipes, return_exceptions=True)
-        self._pipes.clear()
-
-    async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
-        except OSError:
-            writer.close()
-            return
-        for source, sink in ((reader, upstream_writer), (upstream_reader, writer)):
-            self._pipes.add(asyncio.create_task(self._pipe(source, sink)))
-
-    @staticmethod
-    async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-        try:
-            while data := await source.read(65536):
-                sink.write(data)
-                await sink.drain()
-        except OSError:
-            pass
-        finally:
-            sink.close()
-
-
-@pytest.fixture
-async def proxy(redis_url: str) -> AsyncIterator[TcpProxy]:
-    parts = urlsplit(redis_url)
-    if parts.scheme != "redis" or parts.hostname is None:
-        pytest.skip("the proxy forwards plain TCP; REDIS_URL is not a redis:// URL")
-    running = TcpProxy(parts.hostname, parts.port or 6379)
-    await running.start()
-    yield running
-    await running.stop()
-
-
-def through(proxy: TcpProxy, redis_url: str) -> str:
-    parts = urlsplit(redis_url)
-    credentials = parts.netloc.rpartition("@")[0]
-    netloc = f"{credentials}@127.0.0.1:{proxy.port}" if credentials else f"127.0.0.1:{proxy.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 async def test_redis_store_keeps_records_and_recovers_by_itself_when_redis_comes_back(
-    proxy: TcpProxy, redis_url: str, redis_prefix: str, make_sealer: MakeSealer
+    redis_proxy: TcpProxy, redis_url: str, redis_prefix: str, make_sealer: MakeSealer
 ) -> None:
-    store = create_store(through(proxy, redis_url), make_sealer(), prefix=redis_prefix)
+    store = create_store(through(redis_proxy, redis_url), make_sealer(), prefix=redis_prefix)
     user = new_user_key()
     try:
         written = await store.put(user, make_record())
 
-        await proxy.stop()
+        await redis_proxy.stop()
         async with asyncio.timeout(10):
             for operation in OPERATIONS.values():
                 with pytest.raises(StoreUnavailable):
@@ -638,7 +576,7 @@ async def test_redis_store_keeps_records_and_recovers_by_itself_when_redis_comes
             with pytest.raises(StoreUnavailable):
                 await store.compare_and_delete(user, written.version)
 
-        await proxy.start()
+        await redis_proxy.start()
         assert await store.get(user) == written, "nothing was changed while Redis was away"
         assert await store.compare_and_set(user, written.version, make_record()) is not None
     finally:
@@ -646,14 +584,16 @@ async def test_redis_store_keeps_records_and_recovers_by_itself_when_redis_comes
 
 
 async def test_redis_store_replaces_a_dropped_connection_without_an_error(
-    proxy: TcpProxy, redis_url: str, redis_prefix: str, make_sealer: MakeSealer
+    redis_proxy: TcpProxy, redis_url: str, redis_prefix: str, make_sealer: MakeSealer
 ) -> None:
-    store = create_store(through(proxy, redis_url), make_sealer(), prefix=redis_prefix)
+    store = create_store(through(redis_proxy, redis_url), make_sealer(), prefix=redis_prefix)
     user = new_user_key()
     try:
         written = await store.put(user, make_record())
-        await proxy.stop()  # the pooled connection now leads nowhere, as after a Redis restart
-        await proxy.start()
+        await (
+            redis_proxy.stop()
+        )  # the pooled connection now leads nowhere, as after a Redis restart
+        await redis_proxy.start()
         assert await store.get(user) == written
     finally:
         await store.close()
