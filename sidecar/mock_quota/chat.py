@@ -94,7 +94,7 @@ async def parse_chat_request(request: web.Request) -> ChatRequest:
     )
 
 
-def _quota_block(reservation: Reservation, balance_after: int) -> dict[str, object]:
+def quota_block(reservation: Reservation, balance_after: int) -> dict[str, object]:
     return {
         "credits_used": reservation.charged,
         "balance_before": reservation.balance_before,
@@ -111,11 +111,28 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     }
 
 
-def _reserve(quota: MockQuota, email: str, chat: ChatRequest) -> Reservation:
+def sse_response() -> web.StreamResponse:
+    """An unprepared event-stream response, unbuffered by any proxy in between."""
+    return web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+    )
+
+
+def reserve(
+    quota: MockQuota, email: str, chat: ChatRequest, *, counters: str = "chat"
+) -> Reservation:
+    """Hold the most the call can cost; 402 before any output when the wallet cannot cover it.
+
+    ``counters`` names the route family whose ``<family>.insufficient_credits`` is counted.
+    """
     most = chat.model.cost(chat.prompt_tokens, chat.max_tokens)
     reservation = quota.wallets.reserve(email, most)
     if reservation is None:
-        quota.counters["chat.insufficient_credits"] += 1
+        quota.counters[f"{counters}.insufficient_credits"] += 1
         raise ApiError(
             402,
             "insufficient_credits",
@@ -131,7 +148,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     bearer = require_bearer(request, CREDITS_SPEND)
     chat = await parse_chat_request(request)
     words, finish_reason = reply_words(reply_for(chat.last_user_message), chat.max_tokens)
-    reservation = _reserve(quota, bearer.email, chat)
+    reservation = reserve(quota, bearer.email, chat)
     completion_id = f"chatcmpl-{secrets.token_hex(12)}"
     created = int(quota.clock())
     if chat.stream:
@@ -151,7 +168,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 }
             ],
             "usage": _usage(chat.prompt_tokens, len(words)),
-            "quota": _quota_block(reservation, balance_after),
+            "quota": quota_block(reservation, balance_after),
         }
     )
 
@@ -175,13 +192,7 @@ async def _stream(
         "created": int(quota.clock()),
         "model": chat.model.id,
     }
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-        }
-    )
+    response = sse_response()
     quota.counters["chat.streamed"] += 1
     delay_s = quota.settings.chunk_delay_s
     sent = 0
@@ -203,7 +214,7 @@ async def _stream(
             **envelope,
             "choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason}],
             "usage": _usage(chat.prompt_tokens, sent),
-            "quota": _quota_block(reservation, balance_after),
+            "quota": quota_block(reservation, balance_after),
         }
         await response.write(_event(final))
         await response.write(b"data: [DONE]\n\n")

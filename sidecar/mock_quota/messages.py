@@ -33,7 +33,7 @@ from aiohttp import web
 from .bearer import require_bearer
 from .body import json_object
 from .catalog import Model, count_tokens, find_model, reply_for, reply_words
-from .chat import ChatRequest, _quota_block, _reserve
+from .chat import ChatRequest, quota_block, reserve, sse_response
 from .errors import ApiError, error_type
 from .scopes import CREDITS_SPEND
 from .state import MOCK_QUOTA_KEY, MockQuota
@@ -114,7 +114,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
         bearer = require_bearer(request, CREDITS_SPEND)
         call = await parse_messages_request(request)
         words, finish_reason = reply_words(reply_for(call.last_user_message), call.max_tokens)
-        reservation = _reserve(quota, bearer.email, call)
+        reservation = reserve(quota, bearer.email, call, counters="messages")
     except ApiError as exc:
         return _error_response(exc)
     stop_reason = STOP_MAX_TOKENS if finish_reason == "length" else STOP_END_TURN
@@ -127,7 +127,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
             **_message(message_id, call.model.id, [_text_block(" ".join(words))]),
             "stop_reason": stop_reason,
             "usage": {"input_tokens": call.prompt_tokens, "output_tokens": len(words)},
-            "quota": _quota_block(reservation, balance_after),
+            "quota": quota_block(reservation, balance_after),
         }
     )
 
@@ -162,13 +162,7 @@ async def _stream(
     stop_reason: str,
     message_id: str,
 ) -> web.StreamResponse:
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-        }
-    )
+    response = sse_response()
     quota.counters["messages.streamed"] += 1
     delay_s = quota.settings.chunk_delay_s
     sent = 0
@@ -201,7 +195,7 @@ async def _stream(
         )
         await response.write(_event("message_stop", {}))
         await response.write(
-            _event("quota_usage", {"quota": _quota_block(reservation, balance_after)})
+            _event("quota_usage", {"quota": quota_block(reservation, balance_after)})
         )
         await response.write_eof()
     except ConnectionResetError:

@@ -19,7 +19,8 @@ Counter keys (``state.counters``, a ``collections.Counter``):
     chat.completions             /v1/chat/completions calls, whatever the outcome
     chat.streamed                streams started (credits held)
     chat.stream_aborted          streams cut off by the client before [DONE]
-    chat.insufficient_credits    402 answers
+    chat.insufficient_credits    402 answers on /v1/chat/completions
+    messages.insufficient_credits  402 answers on /v1/messages
     balance                      /v1/balance calls
     models                       /v1/models calls
     apps.created                 apps registered through /developers/apps
