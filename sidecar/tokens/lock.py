@@ -53,6 +53,7 @@ return 0
 """
 # Fallback only: waiters are normally woken by the holder's PUBLISH.
 POLL_INTERVAL_S = 0.5
+LISTENER_STOP_S = 2.0
 
 
 @contextlib.contextmanager
@@ -93,6 +94,8 @@ class RedisRefreshCoordinator:
         self._release = self._client.register_script(_RELEASE)
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._listener: asyncio.Task[None] | None = None
+        self._closed = False
+        self._pubsub: Any = None
         self.lock_waits = 0  # refreshes that found another replica holding the lease
 
     def channel(self, user_key: str) -> str:
@@ -117,11 +120,20 @@ class RedisRefreshCoordinator:
         self._ensure_listener()
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
-            self._listener = None
+        """Stop the wake-up listener; bounded, since redis-py can swallow a cancellation that
+        lands while its pub/sub connection is being set up (that once hung a shutdown)."""
+        self._closed = True
+        task, self._listener = self._listener, None
+        if task is not None:
+            task.cancel()
+            _, pending = await asyncio.wait({task}, timeout=LISTENER_STOP_S)
+            if pending and self._pubsub is not None:
+                # The cancellation was swallowed: closing the connection ends the blocked read.
+                with contextlib.suppress(*REDIS_ERRORS):
+                    await self._pubsub.aclose()
+                _, pending = await asyncio.wait(pending, timeout=LISTENER_STOP_S)
+            if pending:
+                log.warning("the refresh wake-up listener did not stop in time; leaving it")
 
     async def _acquire(self, user_key: str, key: str, token: str) -> None:
         loop = asyncio.get_running_loop()
@@ -188,6 +200,8 @@ class RedisRefreshCoordinator:
             log.warning("could not release the refresh lease (%s)", type(exc).__name__)
 
     def _ensure_listener(self) -> None:
+        if self._closed:
+            return
         if self._listener is None or self._listener.done():
             self._listener = asyncio.create_task(self._listen())
 
@@ -195,6 +209,7 @@ class RedisRefreshCoordinator:
         """One pattern subscription per process, fanning wake-ups out to local waiters."""
         pattern = f"{self._store.prefix}:{{*}}:changed"
         pubsub: Any = self._client.pubsub()
+        self._pubsub = pubsub
         try:
             await pubsub.psubscribe(pattern)
             async for message in pubsub.listen():
