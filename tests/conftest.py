@@ -174,6 +174,13 @@ def make_sealer() -> Callable[..., Sealer]:
     return make
 
 
+@pytest.fixture(params=["redis_url", "redis_sentinel_url", "redis_cluster_url"])
+def any_topology_url(request: pytest.FixtureRequest) -> str:
+    """A URL of each topology in turn: standalone, Sentinel, Cluster."""
+    url: str = request.getfixturevalue(request.param)
+    return url
+
+
 # --- Redis Cluster ------------------------------------------------------------------------------
 
 

@@ -33,6 +33,8 @@ import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import redis.asyncio as aioredis
+
 from sidecar.errors import RefreshUnavailable, StoreUnavailable
 from sidecar.metrics import Metrics
 from sidecar.tokens.redis_store import REDIS_ERRORS, RedisTokenStore
@@ -54,6 +56,8 @@ return 0
 # Fallback only: waiters are normally woken by the holder's PUBLISH.
 POLL_INTERVAL_S = 0.5
 LISTENER_STOP_S = 2.0
+LISTENER_RETRY_MIN_S = 0.1
+LISTENER_RETRY_MAX_S = 5.0
 
 
 @contextlib.contextmanager
@@ -96,7 +100,13 @@ class RedisRefreshCoordinator:
         self._listener: asyncio.Task[None] | None = None
         self._closed = False
         self._pubsub: Any = None
+        self._subscribed = False
         self.lock_waits = 0  # refreshes that found another replica holding the lease
+
+    @property
+    def subscribed(self) -> bool:
+        """Whether wake-ups arrive now (else waiters fall back to polling the lease)."""
+        return self._subscribed
 
     def channel(self, user_key: str) -> str:
         return f"{self._store.prefix}:{{{user_key}}}:changed"
@@ -206,12 +216,35 @@ class RedisRefreshCoordinator:
             self._listener = asyncio.create_task(self._listen())
 
     async def _listen(self) -> None:
-        """One pattern subscription per process, fanning wake-ups out to local waiters."""
+        """Keep one pattern subscription per process, resubscribing with backoff when it drops.
+
+        A dead listener would not lose a wake-up for good (waiters poll the lease), but it
+        would turn every lock wait into polling; so any failure is logged and retried.
+        """
+        delay = LISTENER_RETRY_MIN_S
+        while not self._closed:
+            try:
+                await self._listen_once()
+                delay = LISTENER_RETRY_MIN_S  # a clean end: the server closed the connection
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # never let the wake-up channel die
+                log.info(
+                    "refresh wake-up channel unavailable (%s: %s); waiters poll until it is back",
+                    type(exc).__name__,
+                    exc,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, LISTENER_RETRY_MAX_S)
+
+    async def _listen_once(self) -> None:
         pattern = f"{self._store.prefix}:{{*}}:changed"
-        pubsub: Any = self._client.pubsub()
+        client = await self._subscriber_client()
+        pubsub: Any = client.pubsub()
         self._pubsub = pubsub
         try:
             await pubsub.psubscribe(pattern)
+            self._subscribed = True
             async for message in pubsub.listen():
                 if message.get("type") != "pmessage":
                     continue
@@ -221,8 +254,27 @@ class RedisRefreshCoordinator:
                 user_key = channel.partition("{")[2].partition("}")[0]
                 for event in self._waiters.get(user_key, ()):
                     event.set()
-        except REDIS_ERRORS as exc:
-            log.info("refresh wake-up channel unavailable (%s); waiters poll", type(exc).__name__)
         finally:
+            self._subscribed = False
             with contextlib.suppress(*REDIS_ERRORS):
                 await pubsub.aclose()
+            if client is not self._client:
+                with contextlib.suppress(*REDIS_ERRORS):
+                    await client.aclose()
+
+    async def _subscriber_client(self) -> Any:
+        """The client to subscribe with: the store's own, or on a cluster one node's.
+
+        A cluster's pub/sub is broadcast (a PUBLISH reaches subscribers on every node), so one
+        node will do. redis-py's cluster pub/sub would borrow a connection from that node's
+        command pool, where a topology refresh can close it under a running command; a
+        connection of its own keeps the subscription out of the command traffic's way.
+        """
+        if not isinstance(self._client, aioredis.RedisCluster):
+            return self._client
+        await self._client.initialize()
+        node = self._client.get_default_node()
+        pool = aioredis.ConnectionPool(
+            connection_class=node.connection_class, max_connections=2, **node.connection_kwargs
+        )
+        return aioredis.Redis.from_pool(pool)

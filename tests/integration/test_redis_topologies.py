@@ -103,13 +103,6 @@ async def test_the_cluster_store_writes_each_user_on_the_node_that_owns_its_slot
         await direct.aclose()
 
 
-@pytest.fixture(params=["redis_url", "redis_sentinel_url", "redis_cluster_url"])
-def any_topology_url(request: pytest.FixtureRequest) -> str:
-    """A URL of each topology in turn: standalone, Sentinel, Cluster."""
-    url: str = request.getfixturevalue(request.param)
-    return url
-
-
 async def test_a_burst_of_concurrent_reads_for_one_user_waits_for_connections_instead_of_failing(
     any_topology_url: str, make_sealer: MakeSealer
 ) -> None:
