@@ -13,6 +13,7 @@ import logging
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from sidecar.log import SAFE_FIELDS, redact
 from sidecar.middleware import REQUEST_ID
 from sidecar.observe import TIMING
 
@@ -22,34 +23,34 @@ LISTENER = web.AppKey("listener", str)
 
 class AccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        path = request.path if request.path.startswith("/auth/quota/") else request.rel_url.path_qs
+        # Every field is a number, a fixed name or one of the three strings redacted below, so
+        # the line skips the formatter's whole-line redaction (see sidecar.log.SAFE_FIELDS).
+        raw_path = (
+            request.path if request.path.startswith("/auth/quota/") else request.rel_url.path_qs
+        )
+        path = redact(raw_path)
         timing = request.get(TIMING)
+        fields = {
+            "request_id": redact(request.get(REQUEST_ID, "-")),
+            "listener": request.app.get(LISTENER, "-") if isinstance(request, web.Request) else "-",
+            "method": redact(request.method),
+            "path": path,
+            "status": response.status,
+            "bytes": response.body_length,
+            "duration_ms": round(time * 1000, 2),
+            "route": timing.route if timing else "-",
+            # Waiting for Quota or the app to answer, and the sidecar's own share before the
+            # response started (see sidecar.observe).
+            "upstream_ms": round(timing.upstream_s * 1000, 2) if timing else None,
+            "added_ms": round(timing.added_s * 1000, 2)
+            if timing and timing.added_s is not None
+            else None,
+            # The first 16 characters of the user's HMAC key: joins log lines, names no one.
+            "user": timing.user_key if timing else None,
+            "remote": request.remote,
+        }
         self.logger.info(
-            "%s %s %s",
-            request.method,
-            path,
-            response.status,
-            extra={
-                "listener": request.app.get(LISTENER, "-")
-                if isinstance(request, web.Request)
-                else "-",
-                "method": request.method,
-                "path": path,
-                "status": response.status,
-                "bytes": response.body_length,
-                "duration_ms": round(time * 1000, 2),
-                "route": timing.route if timing else "-",
-                # Waiting for Quota or the app to answer, and the sidecar's own share before the
-                # response started (see sidecar.observe).
-                "upstream_ms": round(timing.upstream_s * 1000, 2) if timing else None,
-                "added_ms": round(timing.added_s * 1000, 2)
-                if timing and timing.added_s is not None
-                else None,
-                # The first 16 characters of the user's HMAC key: joins log lines, names no one.
-                "user": timing.user_key if timing else None,
-                "remote": request.remote,
-                "request_id": request.get(REQUEST_ID, "-"),
-            },
+            "%s %s %s", fields["method"], path, response.status, extra={SAFE_FIELDS: fields}
         )
 
     @property
