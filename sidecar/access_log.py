@@ -50,7 +50,11 @@ class AccessLogger(AbstractAccessLogger):
             "remote": request.remote,
         }
         self.logger.info(
-            "%s %s %s", fields["method"], path, response.status, extra={SAFE_FIELDS: fields}
+            "%s %s %s",
+            fields["method"],
+            path,
+            response.status,
+            extra={**fields, SAFE_FIELDS: fields},
         )
 
     @property

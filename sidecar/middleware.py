@@ -11,8 +11,8 @@ Order (outermost first), written once in ``sidecar.app``:
 from __future__ import annotations
 
 import logging
+import os
 import re
-import uuid
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -44,7 +44,7 @@ def error_response(exc: SidecarError, request_id: str) -> web.Response:
 @web.middleware
 async def request_id(request: web.Request, handler: Handler) -> web.StreamResponse:
     incoming = request.headers.get("X-Request-Id", "")
-    rid = incoming if _VALID_ID.match(incoming) else uuid.uuid4().hex
+    rid = incoming if _VALID_ID.match(incoming) else os.urandom(16).hex()
     request[REQUEST_ID] = rid
     token = sidecar_log.request_id.set(rid)
     try:

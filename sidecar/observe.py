@@ -26,6 +26,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -65,7 +66,7 @@ class Timing:
     gauge: Gauge | None = None  # the open-streams or WebSocket gauge this request holds
     user_key: str | None = None
 
-    def finish(self, metrics: Metrics, status: int) -> None:
+    def finish(self, children: ListenerMetrics, status: int) -> None:
         total = time.perf_counter() - self.started
         self.handler_done = True
         if self.gauge is not None:
@@ -73,9 +74,41 @@ class Timing:
             self.gauge = None
         to_headers = self.headers_s if self.headers_s is not None else total
         self.added_s = max(0.0, to_headers - self.upstream_s)
-        metrics.requests.labels(self.listener, self.route, status_label(status)).inc()
-        metrics.request_duration.labels(self.listener, self.route).observe(total)
-        metrics.added_latency.labels(self.listener, self.route).observe(self.added_s)
+        children.requests(self.route, status).inc()
+        duration, added = children.durations(self.route)
+        duration.observe(total)
+        added.observe(self.added_s)
+
+
+class ListenerMetrics:
+    """One listener's request metrics, their label children bound once each.
+
+    ``labels()`` takes a lock and builds a key on every call; the label sets here are small and
+    fixed (route classes by status classes), so each child is looked up once and kept.
+    """
+
+    def __init__(self, metrics: Metrics, listener: str) -> None:
+        self._metrics = metrics
+        self._listener = listener
+        self._requests: dict[tuple[str, int], Any] = {}
+        self._durations: dict[str, tuple[Any, Any]] = {}
+
+    def requests(self, route: str, status: int) -> Any:
+        child = self._requests.get((route, status))
+        if child is None:
+            child = self._metrics.requests.labels(self._listener, route, status_label(status))
+            self._requests[(route, status)] = child
+        return child
+
+    def durations(self, route: str) -> tuple[Any, Any]:
+        pair = self._durations.get(route)
+        if pair is None:
+            pair = (
+                self._metrics.request_duration.labels(self._listener, route),
+                self._metrics.added_latency.labels(self._listener, route),
+            )
+            self._durations[route] = pair
+        return pair
 
 
 TIMING = web.RequestKey("timing", Timing)
@@ -93,6 +126,8 @@ def note_user(request: web.Request, user_key: str) -> None:
 
 def middleware(listener: str, metrics: Metrics) -> Callable[..., Awaitable[web.StreamResponse]]:
     """Counts and times every request of one listener; outermost after the request id."""
+
+    children = ListenerMetrics(metrics, listener)
 
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -112,7 +147,7 @@ def middleware(listener: str, metrics: Metrics) -> Callable[..., Awaitable[web.S
             raise
         finally:
             _current.reset(token)
-            timing.finish(metrics, status)
+            timing.finish(children, status)
 
     return observe
 

@@ -9,6 +9,7 @@ believed only when the peer is a configured trusted proxy.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 
@@ -47,11 +48,23 @@ def connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[
     }
 
 
+def _folded(names: Iterable[str]) -> frozenset[str]:
+    """The folded form of a drop list; a tuple (what every caller passes) is folded once."""
+    if isinstance(names, tuple):
+        return _folded_tuple(names)
+    return frozenset(fold(name) for name in names)
+
+
+@functools.lru_cache(maxsize=64)
+def _folded_tuple(names: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(fold(name) for name in names)
+
+
 def filter_headers(
     headers: CIMultiDictProxy[str] | CIMultiDict[str], *, drop: Iterable[str] = ()
 ) -> CIMultiDict[str]:
     """Copy ``headers`` without hop-by-hop ones and without any name in ``drop`` (folded)."""
-    dropped = HOP_BY_HOP | connection_listed(headers) | {fold(d) for d in drop}
+    dropped = HOP_BY_HOP | _folded(drop) | connection_listed(headers)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         if fold(name) not in dropped:
