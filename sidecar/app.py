@@ -26,7 +26,7 @@ from sidecar.errors import InvalidApiKey, MethodNotAllowed, NotFound
 from sidecar.forwarding import quota as quota_forward
 from sidecar.forwarding import upstream
 from sidecar.pending import PENDING_COOKIES, PendingCookies
-from sidecar.routes import backend, browser
+from sidecar.routes import backend, browser, widget
 from sidecar.services import SERVICES, Services
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ def create_public_app(services: Services) -> web.Application:
     app.on_response_prepare.append(middleware.add_request_id_header)
     app.on_response_prepare.append(observe.prepare_hook(services.metrics))
     browser.add_routes(app)
+    widget.add_routes(app)
     app.router.add_route("*", "/auth/quota/{tail:.*}", _unknown_auth_path)
     upstream.add_routes(app)
     return app
