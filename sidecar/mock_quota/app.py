@@ -4,9 +4,20 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from . import api, authorize, control, developers, messages, oidc, realtime, token_endpoint
+from . import (
+    api,
+    authorize,
+    control,
+    developers,
+    messages,
+    oidc,
+    realtime,
+    token_endpoint,
+    topup,
+)
 from .middleware import record_requests, render_errors
 from .state import MOCK_QUOTA_KEY, MockQuota
+from .webhooks import webhook_sender
 
 # Roomier than aiohttp's 1 MiB default so tests can push large bodies through a forwarder.
 CLIENT_MAX_SIZE = 16 * 1024 * 1024
@@ -20,6 +31,9 @@ def create_app(state: MockQuota) -> web.Application:
         middlewares=[render_errors, record_requests], client_max_size=CLIENT_MAX_SIZE
     )
     app[MOCK_QUOTA_KEY] = state
-    for module in (oidc, authorize, token_endpoint, api, messages, realtime, developers, control):
+    # The webhook sender's HTTP session lives as long as the app; pending deliveries end with it.
+    app.cleanup_ctx.append(webhook_sender)
+    routed = (oidc, authorize, token_endpoint, api, messages, realtime, topup, developers, control)
+    for module in routed:
         app.add_routes(module.routes())
     return app

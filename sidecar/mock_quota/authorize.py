@@ -16,12 +16,11 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import urlencode
 
 from aiohttp import web
 from multidict import MultiMapping
 
-from .clients import Client
+from .clients import Client, append_query
 from .consent_page import DEFAULT_EMAIL, consent_page, error_page, html_response
 from .scopes import format_scope, parse_scope
 from .state import MOCK_QUOTA_KEY, MockQuota
@@ -54,10 +53,8 @@ class AuthorizeRequest:
 
 def redirect_back(uri: str, query: Mapping[str, str | None]) -> web.Response:
     """302 to ``uri`` with ``query`` appended, keeping any query ``uri`` already has."""
-    encoded = urlencode({k: v for k, v in query.items() if v is not None})
-    separator = "" if uri.endswith(("?", "&")) else ("&" if "?" in uri else "?")
     return web.Response(
-        status=302, headers={"Location": f"{uri}{separator}{encoded}", "Cache-Control": "no-store"}
+        status=302, headers={"Location": append_query(uri, query), "Cache-Control": "no-store"}
     )
 
 

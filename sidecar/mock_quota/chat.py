@@ -3,7 +3,9 @@
 Billing follows Quota: the maximum cost (``prompt * in + max_tokens * out``) is held before any
 output, or the call fails with 402 ``insufficient_credits`` and nothing is charged. The actual
 cost is charged when the answer is complete; the rest of the hold goes back. A stream the
-client cuts off is charged for the prompt and the words already sent.
+client cuts off is charged for the prompt and the words already sent. However the call ends, its
+settlement sends ``usage.completed`` (and ``balance.low`` on crossing the threshold): ``reserve``
+attaches ``events.on_settle`` to the hold.
 
 A stream sends one ``chat.completion.chunk`` event per word, ``chunk_delay_s`` apart and each
 flushed on its own, then a final chunk with ``finish_reason``, ``usage`` and the ``quota``
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from . import events
 from .bearer import require_bearer
 from .body import json_object
 from .catalog import Model, count_tokens, find_model, reply_for, reply_words
@@ -26,6 +29,7 @@ from .errors import ApiError
 from .scopes import CREDITS_SPEND
 from .state import MOCK_QUOTA_KEY, MockQuota
 from .wallets import Reservation
+from .webhooks import WEBHOOKS_KEY
 
 DEFAULT_MAX_TOKENS = 512
 
@@ -123,14 +127,17 @@ def sse_response() -> web.StreamResponse:
 
 
 def reserve(
-    quota: MockQuota, email: str, chat: ChatRequest, *, counters: str = "chat"
+    request: web.Request, email: str, chat: ChatRequest, *, counters: str = "chat"
 ) -> Reservation:
     """Hold the most the call can cost; 402 before any output when the wallet cannot cover it.
 
     ``counters`` names the route family whose ``<family>.insufficient_credits`` is counted.
+    Settling the hold sends the call's webhooks.
     """
+    quota = request.app[MOCK_QUOTA_KEY]
     most = chat.model.cost(chat.prompt_tokens, chat.max_tokens)
-    reservation = quota.wallets.reserve(email, most)
+    hook = events.on_settle(request.app[WEBHOOKS_KEY], chat.model.id)
+    reservation = quota.wallets.reserve(email, most, on_settle=hook)
     if reservation is None:
         quota.counters[f"{counters}.insufficient_credits"] += 1
         raise ApiError(
@@ -148,7 +155,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     bearer = require_bearer(request, CREDITS_SPEND)
     chat = await parse_chat_request(request)
     words, finish_reason = reply_words(reply_for(chat.last_user_message), chat.max_tokens)
-    reservation = reserve(quota, bearer.email, chat)
+    reservation = reserve(request, bearer.email, chat)
     completion_id = f"chatcmpl-{secrets.token_hex(12)}"
     created = int(quota.clock())
     if chat.stream:

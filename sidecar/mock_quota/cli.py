@@ -18,7 +18,7 @@ from aiohttp import web
 from .app import create_app
 from .clients import Client
 from .scopes import KNOWN_SCOPES
-from .settings import MockSettings
+from .settings import DEFAULT_WEBHOOK_SECRET, MockSettings
 from .state import SEED_DEVELOPER_EMAIL, SEED_DEVELOPER_PASSWORD, MockQuota
 
 DEFAULT_HOST = "127.0.0.1"
@@ -56,6 +56,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--auto-approve-email", metavar="EMAIL", help="approve every consent as this account"
     )
+    parser.add_argument(
+        "--webhook-url", metavar="URL", help="POST Quota's webhook events to this URL"
+    )
+    parser.add_argument(
+        "--webhook-secret",
+        metavar="whsec_…",
+        help="the key that signs each event's X-Quota-Signature "
+        f"(default: the published local-only {DEFAULT_WEBHOOK_SECRET})",
+    )
 
 
 def settings_from(args: argparse.Namespace) -> MockSettings:
@@ -66,6 +75,8 @@ def settings_from(args: argparse.Namespace) -> MockSettings:
         "default_balance": args.balance,
         "chunk_delay_s": args.chunk_delay,
         "auto_approve_email": args.auto_approve_email,
+        "webhook_url": args.webhook_url,
+        "webhook_secret": args.webhook_secret,
     }
     settings.apply({key: value for key, value in overrides.items() if value is not None})
     return settings
@@ -102,6 +113,8 @@ async def _serve(state: MockQuota, client: Client, host: str, port: int) -> int:
         f"(developer login {SEED_DEVELOPER_EMAIL} / {SEED_DEVELOPER_PASSWORD})",
         flush=True,
     )
+    if state.settings.webhook_url:
+        print(f"Webhook events go to {state.settings.webhook_url}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     handled: list[signal.Signals] = []

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hmac
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from .scopes import parse_scope
 
@@ -57,6 +58,14 @@ class Client:
         return body
 
 
+def is_absolute_http_url(value: str) -> bool:
+    try:
+        parts = urlsplit(value)
+        return parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        return False
+
+
 def redirect_uri_problem(uri: object) -> str | None:
     """Why ``uri`` cannot be registered, or ``None`` when it can."""
     if not isinstance(uri, str) or not uri:
@@ -73,3 +82,11 @@ def redirect_uri_problem(uri: object) -> str | None:
     if parts.scheme == "http" and host not in LOOPBACK_HOSTS:
         return f"{uri!r} must use https (plain http is allowed only for localhost and 127.0.0.1)"
     return None
+
+
+def append_query(uri: str, query: Mapping[str, str | None]) -> str:
+    """``uri`` with ``query`` added to the query it already has, before any fragment."""
+    base, hash_sign, fragment = uri.partition("#")
+    encoded = urlencode({k: v for k, v in query.items() if v is not None})
+    separator = "" if base.endswith(("?", "&")) else ("&" if "?" in base else "?")
+    return f"{base}{separator}{encoded}{hash_sign}{fragment}"

@@ -1,7 +1,8 @@
 """The HTML the emulator shows a browser: the consent page and the authorize error page.
 
 Self-contained (inline CSS, no scripts, no external assets); every echoed value is escaped.
-Stable element ids (``email``, ``approve``, ``deny``) let browser tests drive the page.
+Stable element ids (``email``, ``approve``, ``deny``) let browser tests drive the page. The
+frame (``page``, ``html_response``) is shared with the checkout page (``checkout_page``).
 """
 
 from __future__ import annotations
@@ -40,14 +41,17 @@ input[type=email]{width:100%;padding:9px 11px;border:1px solid #c9cbe0;border-ra
   font:inherit;margin-bottom:18px}
 .buttons{display:flex;gap:10px}
 button{flex:1;padding:10px;border-radius:8px;font:inherit;font-weight:600;cursor:pointer}
-#approve{background:#5b4cdb;border:1px solid #5b4cdb;color:#fff}
-#deny{background:#fff;border:1px solid #c9cbe0;color:#1d2233}
+.buttons form{flex:1;display:flex}
+#approve,#pay{background:#5b4cdb;border:1px solid #5b4cdb;color:#fff}
+#deny,#cancel{background:#fff;border:1px solid #c9cbe0;color:#1d2233}
+dl{display:grid;grid-template-columns:auto 1fr;gap:6px 14px;margin:0 0 18px}
+dt{color:#6b6f85}dd{margin:0;font-weight:600}
 .error{background:#fdecec;color:#9b1c1c;padding:9px 12px;border-radius:8px;margin-bottom:14px}
 .note{font-size:12px;color:#6b6f85;margin-top:16px}
 """
 
 
-def _page(title: str, body: str) -> str:
+def page(title: str, body: str) -> str:
     return (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width,initial-scale=1">'
@@ -93,7 +97,7 @@ def consent_page(
         "</div></form>"
         '<p class="note">Local Quota emulator: no password is asked; any email works.</p>'
     )
-    return _page(f"Authorize {app_name}", body)
+    return page(f"Authorize {app_name}", body)
 
 
 def error_page(code: str, message: str) -> str:
@@ -102,4 +106,4 @@ def error_page(code: str, message: str) -> str:
         "<h1>This authorization request cannot continue</h1>"
         f'<p class="error"><code>{escape(code)}</code></p><p>{escape(message)}</p>'
     )
-    return _page("Authorization error", body)
+    return page("Authorization error", body)

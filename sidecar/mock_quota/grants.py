@@ -15,6 +15,7 @@ stops all of them at once. The rules, each from RFC 6749 / OAuth 2.1 or Quota's 
       t1  replica B refreshes with R1 -> invalid_grant; grant revoked; A2 and R2 stop working
 
 - Revoking an access token stops only that token; revoking a refresh token stops the grant.
+- A user disconnecting apps in Quota's dashboard stops every grant they hold, for every client.
 """
 
 from __future__ import annotations
@@ -219,18 +220,50 @@ class GrantBook:
         record.rotated = True
         return self._issue_pair(grant, granted, access_ttl_s)
 
-    def revoke(self, token: str, client_id: str) -> None:
-        """RFC 7009: stop ``token`` if it is ``client_id``'s; unknown tokens are ignored."""
+    def revoke(self, token: str, client_id: str) -> Grant | None:
+        """RFC 7009: stop ``token`` if it is ``client_id``'s; unknown tokens are ignored.
+
+        Returns the grant this call revoked (a live grant's refresh token was presented), so the
+        caller can announce the disconnection; ``None`` otherwise.
+        """
         access = self.access_tokens.get(token)
         if access is not None and self.grants[access.grant_id].client_id == client_id:
             access.revoked = True
-            return
+            return None
         refresh = self.refresh_tokens.get(token)
         if refresh is not None and self.grants[refresh.grant_id].client_id == client_id:
-            self.revoke_grant(refresh.grant_id)
+            grant = self.grants[refresh.grant_id]
+            if not grant.revoked:
+                self.revoke_grant(grant.grant_id)
+                return grant
+        return None
 
     def revoke_grant(self, grant_id: str) -> None:
         self.grants[grant_id].revoked = True
+
+    def grant_of(self, access_token: str) -> Grant:
+        """The grant an issued access token belongs to, live or not; ``KeyError`` if unknown."""
+        return self.grants[self.access_tokens[access_token].grant_id]
+
+    def has_live_grant(self, user_id: str, client_id: str) -> bool:
+        """Whether ``user_id`` still has a grant with ``client_id`` that is not revoked."""
+        return any(
+            not g.revoked and g.client_id == client_id and user_id_for(g.email) == user_id
+            for g in self.grants.values()
+        )
+
+    def knows_user(self, user_id: str) -> bool:
+        """Whether any grant, live or not, was ever issued to ``user_id``."""
+        return any(user_id_for(g.email) == user_id for g in self.grants.values())
+
+    def revoke_user(self, user_id: str) -> list[Grant]:
+        """Stop every live grant of ``user_id``, whatever the client; the grants stopped."""
+        stopped = [
+            g for g in self.grants.values() if not g.revoked and user_id_for(g.email) == user_id
+        ]
+        for grant in stopped:
+            self.revoke_grant(grant.grant_id)
+        return stopped
 
     def authenticate(self, token: str) -> Bearer:
         """The bearer behind a live access token; ``ApiError`` 401 ``invalid_token`` otherwise."""

@@ -4,7 +4,8 @@ The request is Anthropic's ``{model, max_tokens, messages, system?, stream?}``; 
 ``message`` object with one text block, Anthropic's ``usage`` and Quota's ``quota`` block. Billing
 is the chat route's (``sidecar.mock_quota.chat``): the maximum cost is held before any output
 (402 ``insufficient_credits`` otherwise, nothing charged), the actual cost is charged at the end,
-and a stream the client cuts off pays for the prompt and the words already sent.
+a stream the client cuts off pays for the prompt and the words already sent, and each settled
+call sends ``usage.completed`` (and ``balance.low`` on crossing the threshold).
 
 A stream speaks Anthropic's named events, one ``content_block_delta`` per word, ``chunk_delay_s``
 apart, then Quota's own last event (Anthropic SDKs skip names they do not know)::
@@ -114,7 +115,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
         bearer = require_bearer(request, CREDITS_SPEND)
         call = await parse_messages_request(request)
         words, finish_reason = reply_words(reply_for(call.last_user_message), call.max_tokens)
-        reservation = reserve(quota, bearer.email, call, counters="messages")
+        reservation = reserve(request, bearer.email, call, counters="messages")
     except ApiError as exc:
         return _error_response(exc)
     stop_reason = STOP_MAX_TOKENS if finish_reason == "length" else STOP_END_TURN

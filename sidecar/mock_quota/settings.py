@@ -1,4 +1,4 @@
-"""The emulator's runtime knobs: token lifetimes, default wallet, injected faults, pacing.
+"""The emulator's runtime knobs: token lifetimes, wallets, injected faults, pacing, webhooks.
 
 ``MockSettings`` is deliberately mutable: tests and the ``PATCH /_mock/settings`` control route
 change it while the server runs, and every handler reads it afresh on each request. ``apply``
@@ -13,8 +13,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeGuard
 
+from .clients import is_absolute_http_url
+
 ErrorStyle = Literal["rfc6749", "quota"]
 ERROR_STYLES: tuple[ErrorStyle, ...] = ("rfc6749", "quota")
+WEBHOOK_SECRET_PREFIX = "whsec_"  # noqa: S105 - Quota's prefix for webhook secrets
+# A published local-only value, like the demo client's secret: the demo and tests can rely on it.
+DEFAULT_WEBHOOK_SECRET = "whsec_mock_quota_local_only"  # noqa: S105
 
 
 @dataclass
@@ -42,6 +47,12 @@ class MockSettings:
     oauth_error_style: ErrorStyle = "rfc6749"
     # When set, GET /oauth/authorize approves at once as this account (no consent page).
     auto_approve_email: str | None = None
+    # Where events are POSTed; None sends nothing (a Quota app without a webhook endpoint).
+    webhook_url: str | None = None
+    # The key of each event's X-Quota-Signature (hex HMAC-SHA256 of the raw body).
+    webhook_secret: str = DEFAULT_WEBHOOK_SECRET
+    # balance.low fires when a spend takes a wallet from at least this to below it ($1).
+    low_balance_threshold: int = 1_000_000
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -119,6 +130,20 @@ def _optional_email(value: object) -> str | None:
     return "expected null or an email address"
 
 
+def _optional_http_url(value: object) -> str | None:
+    if value is None or (isinstance(value, str) and is_absolute_http_url(value)):
+        return None
+    return "expected null or an absolute http(s) URL"
+
+
+def _webhook_secret(value: object) -> str | None:
+    if not isinstance(value, str) or not value.startswith(WEBHOOK_SECRET_PREFIX):
+        return f"expected {WEBHOOK_SECRET_PREFIX} followed by the secret"
+    if value == WEBHOOK_SECRET_PREFIX:
+        return f"expected {WEBHOOK_SECRET_PREFIX} followed by the secret, not {value} alone"
+    return None
+
+
 _CHECKS: dict[str, Callable[[object], str | None]] = {
     "access_token_ttl_s": _positive_number,
     "code_ttl_s": _positive_number,
@@ -130,5 +155,8 @@ _CHECKS: dict[str, Callable[[object], str | None]] = {
     "chunk_delay_s": _non_negative_number,
     "oauth_error_style": _error_style,
     "auto_approve_email": _optional_email,
+    "webhook_url": _optional_http_url,
+    "webhook_secret": _webhook_secret,
+    "low_balance_threshold": _non_negative_int,
 }
 assert set(_CHECKS) == {f.name for f in dataclasses.fields(MockSettings)}

@@ -1,4 +1,4 @@
-"""The emulator's whole in-memory world: clients, developers, wallets, grants, counters, requests.
+"""The emulator's whole in-memory world: clients, developers, wallets, grants, checkouts, counters.
 
 One ``MockQuota`` backs one emulator app (stored under ``MOCK_QUOTA_KEY``). Tests build it with
 an injected clock, seed it through its methods, then assert on ``counters`` and ``requests``.
@@ -24,6 +24,22 @@ Counter keys (``state.counters``, a ``collections.Counter``):
     balance                      /v1/balance calls
     models                       /v1/models calls
     apps.created                 apps registered through /developers/apps
+    messages                     /v1/messages calls, whatever the outcome
+    messages.streamed            message streams started (credits held)
+    messages.stream_aborted      message streams cut off by the client
+    realtime.sessions            /v1/realtime WebSocket sessions accepted
+    packages                     /v1/packages calls
+    checkout.created             checkout sessions created
+    checkout.paid                checkouts paid (wallet credited)
+    checkout.canceled            checkouts canceled
+    users.disconnected           dashboard disconnects (POST /_mock/users/{user_id}/disconnect)
+    webhooks.sent                events handed to delivery (webhook_url set)
+    webhooks.skipped             events not sent because webhook_url is unset
+    webhooks.delivered           events a receiver answered with 2xx
+    webhooks.failed              events given up on after every retry
+
+The webhook deliveries themselves are recorded by the app's ``WebhookSender`` (``webhooks``),
+which owns the HTTP session that sends them.
 """
 
 from __future__ import annotations
@@ -37,6 +53,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .checkouts import CheckoutBook
 from .clients import Client, new_id
 from .grants import GrantBook
 from .scopes import CREDITS_READ, CREDITS_SPEND, format_scope, parse_scope
@@ -77,6 +94,7 @@ class MockQuota:
         self.clients: dict[str, Client] = {}
         self.wallets = Wallets(lambda: self.settings.default_balance)
         self.grants = GrantBook(clock)
+        self.checkouts = CheckoutBook(clock)
         self._developer_passwords: dict[str, str] = {}
         self._sessions: dict[str, str] = {}
         self.add_developer(SEED_DEVELOPER_EMAIL, SEED_DEVELOPER_PASSWORD)

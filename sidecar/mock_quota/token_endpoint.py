@@ -7,6 +7,10 @@ client registered as public, ``none``. Using two methods at once is refused.
 The token endpoint applies ``token_delay_s`` and the injected failures before anything else
 (but after counting the call under its grant type), so a test can make the Nth call slow or
 failing and still assert how many calls arrived.
+
+A successful code exchange sends the ``user.connected`` webhook; a revocation that stops the
+user's last live grant with that client (a live refresh token was revoked) sends
+``user.disconnected``.
 """
 
 from __future__ import annotations
@@ -19,9 +23,12 @@ from urllib.parse import unquote_plus
 from aiohttp import web
 from multidict import MultiMapping
 
+from . import events
 from .clients import Client
 from .errors import OAuthError, RefreshTokenReused, oauth_error_response
 from .state import MOCK_QUOTA_KEY, MockQuota
+from .wallets import user_id_for
+from .webhooks import WEBHOOKS_KEY
 
 FORM_TYPE = "application/x-www-form-urlencoded"
 GRANT_TYPES = ("authorization_code", "refresh_token")
@@ -122,6 +129,10 @@ async def token(request: web.Request) -> web.Response:
                 code_verifier=form_field(form, "code_verifier") or "",
                 access_ttl_s=ttl_s,
             )
+            grant = quota.grants.grant_of(pair.access_token)
+            events.user_connected(
+                request.app[WEBHOOKS_KEY], user_id_for(grant.email), client.client_id, pair.scope
+            )
         elif grant_type == "refresh_token":
             pair = quota.grants.refresh(
                 client_id=client.client_id,
@@ -153,7 +164,13 @@ async def revoke(request: web.Request) -> web.Response:
         form_field(form, "token_type_hint", required=False)  # both kinds are searched anyway
     except OAuthError as exc:
         return exc.to_response(quota.settings.oauth_error_style)
-    quota.grants.revoke(token_value, client.client_id)
+    stopped = quota.grants.revoke(token_value, client.client_id)
+    # The user is disconnected from the app only when no grant with it is left: an app that
+    # revokes the grant a reconnect replaced is still connected through the new one.
+    if stopped is not None:
+        user_id = user_id_for(stopped.email)
+        if not quota.grants.has_live_grant(user_id, stopped.client_id):
+            events.user_disconnected(request.app[WEBHOOKS_KEY], user_id, stopped.client_id)
     return web.Response(status=200, headers=_NO_STORE)
 
 

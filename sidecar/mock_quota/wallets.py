@@ -7,12 +7,18 @@ concurrent streams cannot both spend the same credits:
     t0  stream A: balance 10_000, reserves 8_000  -> wallet shows 2_000
     t1  stream B: needs 8_000, sees 2_000          -> 402 insufficient_credits, nothing held
     t2  stream A ends, actual cost 3_000          -> settle refunds 5_000 -> wallet shows 7_000
+
+A reservation may carry an ``on_settle`` hook, called once with the settled reservation and the
+new balance: the one place where a billed call's consequences (its webhooks) are decided, however
+the call ended.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+
+SettleHook = Callable[["Reservation", int], None]
 
 
 def normalize_email(email: str) -> str:
@@ -28,8 +34,16 @@ def user_id_for(email: str) -> str:
 class Reservation:
     """Credits held from one wallet until ``settle`` charges the actual cost."""
 
-    def __init__(self, wallets: Wallets, email: str, amount: int, balance_before: int) -> None:
+    def __init__(
+        self,
+        wallets: Wallets,
+        email: str,
+        amount: int,
+        balance_before: int,
+        on_settle: SettleHook | None = None,
+    ) -> None:
         self._wallets = wallets
+        self._on_settle = on_settle
         self.email = email
         self.amount = amount
         self.balance_before = balance_before
@@ -40,7 +54,10 @@ class Reservation:
         if self.charged is not None:
             raise RuntimeError("reservation already settled")
         self.charged = max(0, min(actual, self.amount))
-        return self._wallets.adjust(self.email, self.amount - self.charged)
+        balance = self._wallets.adjust(self.email, self.amount - self.charged)
+        if self._on_settle is not None:
+            self._on_settle(self, balance)
+        return balance
 
 
 class Wallets:
@@ -64,13 +81,15 @@ class Wallets:
         self._balances[normalize_email(email)] = balance
         return balance
 
-    def reserve(self, email: str, amount: int) -> Reservation | None:
+    def reserve(
+        self, email: str, amount: int, *, on_settle: SettleHook | None = None
+    ) -> Reservation | None:
         """Hold ``amount`` credits, or return ``None`` (holding nothing) if the wallet is short."""
         before = self.balance(email)
         if before < amount:
             return None
         self.adjust(email, -amount)
-        return Reservation(self, email, amount, before)
+        return Reservation(self, email, amount, before, on_settle)
 
     def to_json(self) -> dict[str, int]:
         return dict(sorted(self._balances.items()))

@@ -59,6 +59,11 @@ async def test_patching_settings_changes_the_running_emulator(http: Http, quota:
         ({"default_balance": True}, "default_balance"),
         ({"oauth_error_style": "xml"}, "oauth_error_style"),
         ({"auto_approve_email": "nobody"}, "auto_approve_email"),
+        ({"webhook_url": "not a url"}, "webhook_url"),
+        ({"webhook_url": "ftp://hooks.example/in"}, "webhook_url"),
+        ({"webhook_secret": "secret"}, "webhook_secret"),
+        ({"webhook_secret": "whsec_"}, "webhook_secret"),
+        ({"low_balance_threshold": -1}, "low_balance_threshold"),
     ],
 )
 async def test_a_bad_settings_patch_is_400_and_changes_nothing(
@@ -69,6 +74,19 @@ async def test_a_bad_settings_patch_is_400_and_changes_nothing(
     assert resp.status == 400
     assert named in body["error"]["message"]
     assert quota.settings == MockSettings()
+
+
+async def test_webhook_settings_can_be_patched_and_unset(http: Http, quota: MockQuota) -> None:
+    patch = {
+        "webhook_url": "http://127.0.0.1:5180/hooks",
+        "webhook_secret": "whsec_abc",
+        "low_balance_threshold": 0,
+    }
+    resp = await http.patch("/_mock/settings", json=patch)
+    assert resp.status == 200
+    assert (await resp.json()).items() >= patch.items()
+    assert (await http.patch("/_mock/settings", json={"webhook_url": None})).status == 200
+    assert quota.settings.webhook_url is None
 
 
 async def test_wallets_can_be_read_and_set(http: Http, quota: MockQuota) -> None:
