@@ -1,7 +1,8 @@
 """Wiring: the public, internal and admin ``web.Application``s, and the runner that serves them.
 
     public  (browser)   /auth/quota/* answered here; every other path proxied to the host app
-    internal (backend)  /v1/*, /v1beta/* forwarded to Quota; /auth/quota/status|disconnect|balance
+    internal (backend)  /v1/*, /v1beta/* forwarded to Quota; /auth/quota/status|disconnect|balance,
+                        /auth/quota/users/{id}, /auth/quota/connect-url
     admin   (ops)       /healthz, /readyz, /metrics (``sidecar.admin``); optional
 
 All share one ``Services`` (clients, store, keys, metrics), made by ``sidecar.services``.
@@ -26,7 +27,8 @@ from sidecar.errors import InvalidApiKey, MethodNotAllowed, NotFound
 from sidecar.forwarding import quota as quota_forward
 from sidecar.forwarding import upstream
 from sidecar.pending import PENDING_COOKIES, PendingCookies
-from sidecar.routes import backend, browser, widget
+from sidecar.protocol import GuardedAppRunner
+from sidecar.routes import backend, browser, topup, users, webhook, widget
 from sidecar.services import SERVICES, Services
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,7 @@ def handler_args(services: Services) -> dict[str, float | int]:
 
 
 async def _unknown_auth_path(request: web.Request) -> web.StreamResponse:
-    if request.path in browser.PATHS:
+    if request.path in browser.PATHS or request.path in topup.PATHS or request.path == webhook.PATH:
         raise MethodNotAllowed
     raise NotFound
 
@@ -69,6 +71,8 @@ def create_public_app(services: Services) -> web.Application:
     app.on_response_prepare.append(observe.prepare_hook(services.metrics))
     browser.add_routes(app)
     widget.add_routes(app)
+    topup.add_routes(app)
+    webhook.add_routes(app)  # Quota's server-to-server calls: no cookie, probe or Origin check
     app.router.add_route("*", "/auth/quota/{tail:.*}", _unknown_auth_path)
     upstream.add_routes(app)
     return app
@@ -113,6 +117,8 @@ def create_internal_app(services: Services) -> web.Application:
     app.on_response_prepare.append(observe.prepare_hook(services.metrics))
     quota_forward.add_routes(app)
     backend.add_routes(app)
+    users.add_routes(app)
+    topup.note_topup_origin(services.config)
     return app
 
 
@@ -153,13 +159,18 @@ class Sidecar:
             admin = create_admin_app(self.services, self.health)
             listeners.append(("admin", admin, cfg.listen.admin_address, ADMIN_SHUTDOWN_S))
         for name, app, address, shutdown_s in listeners:
-            runner = web.AppRunner(
+            # Every listener's connections: strict line endings and a bound on slow heads
+            # (sidecar.protocol), and the parser limits and keep-alive idle of handler_args
+            # (the admin app sets none of its own).
+            runner = GuardedAppRunner(
                 app,
+                header_timeout_s=cfg.limits.header_timeout_s,
                 access_log_class=AccessLogger,
                 # Probes and scrapes every few seconds would drown the log; /metrics counts them.
                 access_log=ACCESS_LOGGER if name != "admin" else None,
                 handler_cancellation=True,  # a client that leaves cancels its upstream call
                 shutdown_timeout=shutdown_s,
+                **handler_args(self.services),
             )
             await runner.setup()
             self.runners.append(runner)

@@ -29,6 +29,9 @@ KNOWN_SCOPES = frozenset(
     }
 )
 MIN_SESSION_SECRET_LENGTH = 32
+MIN_EVENTS_SECRET_LENGTH = 32
+# A webhook stamped this far in Quota's future is still accepted (clocks drift a little).
+WEBHOOK_FUTURE_SKEW_S = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,8 +45,13 @@ class QuotaConfig:
     # Token, revoke and balance calls are small; ten seconds is generous.
     timeout_s: float = 10.0
     connect_timeout_s: float = 5.0
-    # Time allowed between two reads of a /v1 response: long model pauses must not cut a stream.
+    # Time allowed between two reads of a started /v1 response: long model pauses must not cut a
+    # stream.
     stream_idle_timeout_s: float = 300.0
+    # From the request sent until Quota's answer starts. A call that is not streamed gets its
+    # headers only when the whole completion is done, which can take minutes; 600 s is what the
+    # OpenAI and Anthropic SDKs wait by default, so the sidecar never gives up before its caller.
+    first_byte_timeout_s: float = 600.0
     # Request bodies up to this size are kept so a call Quota refused with 401 can be replayed
     # once after a forced refresh; larger bodies stream through and are not replayed.
     replay_max_bytes: int = 1024 * 1024
@@ -78,6 +86,8 @@ class UpstreamConfig:
     connect_timeout_s: float = 5.0
     # No total timeout for proxied requests (downloads, long polls); only between reads.
     idle_timeout_s: float = 300.0
+    # From the request sent until the app's answer starts; nginx's proxy_read_timeout default.
+    first_byte_timeout_s: float = 60.0
     # pass: the browser's Host goes to the app (most apps build links from it);
     # rewrite: Host is the upstream's own (for apps that check it). X-Forwarded-Host has the original.
     host_header: Literal["pass", "rewrite"] = "pass"
@@ -85,7 +95,7 @@ class UpstreamConfig:
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
-    # One header line, and how many headers, per request (both listeners).
+    # One header line, and how many headers, per request (every listener).
     max_header_size_bytes: int = 16384
     max_header_count: int = 100
     # Public listener request bodies, counted as they stream (0: no limit; uploads are the app's).
@@ -94,6 +104,9 @@ class LimitsConfig:
     max_v1_body_bytes: int = 32 * 1024 * 1024
     # An idle keep-alive connection is closed after this long.
     keepalive_timeout_s: float = 75.0
+    # A request head (request line and headers) must be complete this long after the connection
+    # opened, or after its first byte on a kept-alive one; real clients send it in one go.
+    header_timeout_s: float = 10.0
     # Outgoing connections kept per target (Quota, the app); 0 means no cap.
     # (every open stream holds one; a full pool answers 502 after connect_timeout_s).
     pool_size: int = 4096
@@ -157,6 +170,58 @@ class ShutdownConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EventsConfig:
+    # None: no events are sent. Else an absolute http(s) URL on the host app that receives them.
+    url: str | None = None
+    # Signs every delivery (HMAC-SHA256) so the app can tell them from forgeries; required with url.
+    secret: Secret | None = None
+    # One delivery attempt; the app should answer at once and do its work afterwards.
+    timeout_s: float = 5.0
+    # Attempts per event before it is given up (and counted as failed).
+    max_attempts: int = 5
+    # Wait before the first retry, doubled after each one, never more than backoff_max_s.
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 30.0
+    # Events waiting to be sent; past this, new events are dropped and counted, never waited for.
+    queue_size: int = 1000
+    # At shutdown, queued events get this long to go out; it adds to the pod's shutdown time.
+    flush_timeout_s: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class TopupConfig:
+    # Where Quota's checkout sends the browser back (paths on the app's own public origin).
+    success_path: str = "/?quota_topup=success"
+    cancel_path: str = "/?quota_topup=cancelled"
+    # The app's public origin, for the X-Quota-Topup-Url header on /v1 answers (no browser there
+    # to take it from); used when quota.redirect_uri is unset, else the header is left out.
+    public_url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GuardsConfig:
+    # Open /v1 calls (a streaming answer, a WebSocket) one user may hold at once; 0: no limit.
+    max_concurrent_streams_per_user: int = 0
+    # Credits one user may spend per window, counted from Quota's quota blocks; 0: no limit.
+    spend_limit_credits: int = 0
+    # The spend window, fixed and aligned to the Unix epoch: a day resets at 00:00 UTC.
+    spend_period_s: int = 86400
+    # With Redis, an open call's lease lapses this long after its replica stopped renewing it
+    # (a crash); renewed every third of it, so one slow renewal does not free the slot.
+    stream_lease_ttl_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class WebhooksConfig:
+    # Quota's whsec_ signing secret for POST /auth/quota/webhook; None: webhooks are not received.
+    secret: Secret | None = None
+    # Quota delivers within seconds and retries for a short while; older events are refused.
+    max_age_s: int = 300
+    # How long an event id is remembered to refuse a replay; must cover max_age_s and then some.
+    replay_window_s: int = 86400
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     quota: QuotaConfig
     session: SessionConfig
@@ -168,6 +233,10 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
+    topup: TopupConfig = field(default_factory=TopupConfig)
+    guards: GuardsConfig = field(default_factory=GuardsConfig)
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
 
 
 SECTIONS: dict[str, type] = {
@@ -181,6 +250,10 @@ SECTIONS: dict[str, type] = {
     "limits": LimitsConfig,
     "log": LogConfig,
     "shutdown": ShutdownConfig,
+    "events": EventsConfig,
+    "topup": TopupConfig,
+    "guards": GuardsConfig,
+    "webhooks": WebhooksConfig,
 }
 
 # Well-known variables, as in Quota's recipe. Any key can also be set as
@@ -193,4 +266,6 @@ ENV_ALIASES: dict[str, tuple[str, str]] = {
     "SESSION_SECRET": ("session", "secret"),
     "REDIS_URL": ("tokens", "store"),
     "QUOTA_INTERNAL_API_KEY": ("identity", "internal_api_key"),
+    "QUOTA_SIDECAR_EVENTS_SECRET": ("events", "secret"),
+    "QUOTA_WEBHOOK_SECRET": ("webhooks", "secret"),
 }

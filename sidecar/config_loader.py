@@ -318,9 +318,11 @@ def _check(config: c.Config, problems: list[str]) -> None:
         ("quota.timeout_s", q.timeout_s),
         ("quota.connect_timeout_s", q.connect_timeout_s),
         ("quota.stream_idle_timeout_s", q.stream_idle_timeout_s),
+        ("quota.first_byte_timeout_s", q.first_byte_timeout_s),
         ("upstream.probe_timeout_s", u.probe_timeout_s),
         ("upstream.connect_timeout_s", u.connect_timeout_s),
         ("upstream.idle_timeout_s", u.idle_timeout_s),
+        ("upstream.first_byte_timeout_s", u.first_byte_timeout_s),
         ("tokens.lock_ttl_s", t.lock_ttl_s),
         ("session.pending_ttl_s", s.pending_ttl_s),
     ):
@@ -331,6 +333,7 @@ def _check(config: c.Config, problems: list[str]) -> None:
         ("limits.max_header_size_bytes", lim.max_header_size_bytes),
         ("limits.max_header_count", lim.max_header_count),
         ("limits.keepalive_timeout_s", lim.keepalive_timeout_s),
+        ("limits.header_timeout_s", lim.header_timeout_s),
     ):
         if count <= 0:
             problems.append(f"{name}: must be greater than 0, got {count}")
@@ -353,6 +356,84 @@ def _check(config: c.Config, problems: list[str]) -> None:
             problems.append(f"{name}: must be a path on this site starting with '/', got {value!r}")
     if r.login_url is not None and not is_local_path(r.login_url):
         _check_url("redirects.login_url", r.login_url, problems)
+    _check_events_and_topup(config, problems)
+    _check_guards(config.guards, problems)
+    _check_webhooks(config.webhooks, problems)
+
+
+def _check_webhooks(w: c.WebhooksConfig, problems: list[str]) -> None:
+    if w.secret is not None and not w.secret.reveal().startswith("whsec_"):
+        problems.append(
+            "webhooks.secret: must be the whsec_… signing secret Quota shows for the webhook; "
+            "set QUOTA_WEBHOOK_SECRET"
+        )
+    if w.max_age_s <= 0:
+        problems.append(f"webhooks.max_age_s: must be greater than 0, got {w.max_age_s}")
+    if w.replay_window_s < w.max_age_s + c.WEBHOOK_FUTURE_SKEW_S:
+        problems.append(
+            "webhooks.replay_window_s: must be at least webhooks.max_age_s + "
+            f"{c.WEBHOOK_FUTURE_SKEW_S} ({w.max_age_s + c.WEBHOOK_FUTURE_SKEW_S}), or an event "
+            f"could be replayed once its id is forgotten; got {w.replay_window_s}"
+        )
+
+
+def _check_events_and_topup(config: c.Config, problems: list[str]) -> None:
+    ev, top = config.events, config.topup
+    if ev.url is not None:
+        _check_url("events.url", ev.url, problems)
+        if ev.secret is None:
+            problems.append(
+                "events.secret: required when events.url is set; set QUOTA_SIDECAR_EVENTS_SECRET "
+                "(generate one with `quota-sidecar gen-secret`)"
+            )
+    if ev.secret is not None and len(ev.secret) < c.MIN_EVENTS_SECRET_LENGTH:
+        problems.append(
+            f"events.secret: must be at least {c.MIN_EVENTS_SECRET_LENGTH} characters, got "
+            f"{len(ev.secret)}; generate one with `quota-sidecar gen-secret`"
+        )
+    for name, amount in (
+        ("events.timeout_s", ev.timeout_s),
+        ("events.backoff_base_s", ev.backoff_base_s),
+        ("events.max_attempts", ev.max_attempts),
+        ("events.queue_size", ev.queue_size),
+    ):
+        if amount <= 0:
+            problems.append(f"{name}: must be greater than 0, got {amount}")
+    if ev.backoff_max_s < ev.backoff_base_s:
+        problems.append(
+            f"events.backoff_max_s: must be at least events.backoff_base_s ({ev.backoff_base_s}), "
+            f"got {ev.backoff_max_s}"
+        )
+    if ev.flush_timeout_s < 0:
+        problems.append(f"events.flush_timeout_s: must be 0 or more, got {ev.flush_timeout_s}")
+    for name, value in (
+        ("topup.success_path", top.success_path),
+        ("topup.cancel_path", top.cancel_path),
+    ):
+        if not is_local_path(value):
+            problems.append(f"{name}: must be a path on this site starting with '/', got {value!r}")
+    if top.public_url is not None:
+        _check_url("topup.public_url", top.public_url, problems)
+        if urlsplit(top.public_url).path not in ("", "/"):
+            problems.append(
+                "topup.public_url: must be the app's origin only, such as https://app.example.com, "
+                f"got {top.public_url!r}"
+            )
+
+
+def _check_guards(g: c.GuardsConfig, problems: list[str]) -> None:
+    for name, count in (
+        ("guards.max_concurrent_streams_per_user", g.max_concurrent_streams_per_user),
+        ("guards.spend_limit_credits", g.spend_limit_credits),
+    ):
+        if count < 0:
+            problems.append(f"{name}: must be 0 (no limit) or more, got {count}")
+    if g.spend_period_s <= 0:
+        problems.append(f"guards.spend_period_s: must be greater than 0, got {g.spend_period_s}")
+    if g.stream_lease_ttl_s < 1:
+        problems.append(
+            f"guards.stream_lease_ttl_s: must be at least 1 (second), got {g.stream_lease_ttl_s}"
+        )
 
 
 def _check_url(name: str, value: str, problems: list[str]) -> None:

@@ -26,6 +26,16 @@ Names (all prefixed ``quota_sidecar_``), and what they answer:
     store_errors_total{operation}                token store calls that failed
     connects_started_total / _completed_total / _failed_total{quota_error}
     wallets_connected_total / wallets_disconnected_total{reason}
+    event_deliveries_total{outcome}              host-app events: ok, retry, failed, dropped
+    event_queue_depth                            host-app events waiting to be sent
+    topups_started_total                         browsers sent to Quota's checkout
+    usage_credits_total{endpoint}                credits Quota reported spending (its quota blocks)
+    usage_tokens_total{endpoint,kind}            tokens the model counted: prompt, completion
+    usage_billed_requests_total{endpoint}        billed calls Quota answered 200
+    usage_unread_total{endpoint,reason}          billed calls whose usage could not be read
+    guard_rejections_total{code}                 calls refused by a per-user guard (429)
+    guard_errors_total{operation}                guard checks that failed and let the call through
+    webhooks_received_total{type,outcome}        Quota webhooks, by event type and what was done
     build_info{version}
 """
 
@@ -64,7 +74,34 @@ REFRESH_OUTCOMES = (
     "already_fresh",  # another request or replica refreshed first: no call to Quota
     "discarded",  # refreshed, but the record changed meanwhile (disconnect won): revoked
 )
-DISCONNECT_REASONS = ("user", "grant_ended")
+DISCONNECT_REASONS = ("user", "grant_ended", "webhook")
+# Quota's webhook event types (anything else is "other"), and what the receiver did with one.
+WEBHOOK_TYPES = (
+    "user.connected", "user.disconnected", "balance.updated", "balance.low", "usage.completed",
+)  # fmt: skip
+WEBHOOK_OUTCOMES = (
+    "accepted",  # verified, handled, forwarded to the host app
+    "ignored",  # verified, but for another OAuth client or of a type the sidecar does not know
+    "signature_invalid",  # X-Quota-Signature missing or wrong
+    "stale",  # created_at too old or in the future
+    "replayed",  # an event id already received
+    "too_large",  # body over the cap
+    "invalid",  # signed, but not an event envelope
+    "failed",  # the store could not be reached; Quota retries
+)
+# Billed endpoints (sidecar.guards.metered.endpoint_of), token kinds, guard refusals: fixed sets.
+USAGE_ENDPOINTS = (
+    "chat", "messages", "responses", "completions", "embeddings", "audio", "images", "gemini",
+    "other",
+)  # fmt: skip
+TOKEN_KINDS = ("prompt", "completion")
+GUARD_CODES = ("too_many_streams", "spend_limit_reached")
+EVENT_OUTCOMES = (
+    "ok",  # the host app answered 2xx
+    "retry",  # an attempt failed (non-2xx, timeout, no connection) and another is scheduled
+    "failed",  # every attempt failed: the event is given up
+    "dropped",  # never sent: the queue was full, or the sidecar stopped with it still queued
+)
 
 # OAuth (RFC 6749 §4.1.2.1, §5.2) and the sidecar's own callback failures.
 CONNECT_ERRORS = frozenset(
@@ -253,10 +290,84 @@ class Metrics:
         )
         self.wallets_disconnected = Counter(
             f"{PREFIX}_wallets_disconnected",
-            "Grants forgotten: by the user (disconnect) or because Quota ended them.",
+            "Grants forgotten: by the user (disconnect), because Quota ended them on refresh "
+            "(grant_ended), or because Quota's user.disconnected webhook said so (webhook).",
             ["reason"],
             registry=r,
         )
+        self.webhooks_received = Counter(
+            f"{PREFIX}_webhooks_received",
+            "Quota webhooks received, by event type and outcome: "
+            + ", ".join(WEBHOOK_OUTCOMES)
+            + ".",
+            ["type", "outcome"],
+            registry=r,
+        )
+        self.event_deliveries = Counter(
+            f"{PREFIX}_event_deliveries",
+            "Host-app event deliveries by outcome: " + ", ".join(EVENT_OUTCOMES) + ".",
+            ["outcome"],
+            registry=r,
+        )
+        self.event_queue_depth = Gauge(
+            f"{PREFIX}_event_queue_depth",
+            "Host-app events waiting to be sent (events.queue_size at most).",
+            registry=r,
+        )
+        self.topups_started = Counter(
+            f"{PREFIX}_topups_started",
+            "Top-ups started: a signed-in user sent to Quota's checkout page.",
+            registry=r,
+        )
+        for outcome in EVENT_OUTCOMES:
+            self.event_deliveries.labels(outcome)
+        # Usage read from Quota's answers, and the per-user guards (sidecar.forwarding.usage,
+        # sidecar.guards). Labels: the billed endpoint (USAGE_ENDPOINTS), never a user.
+        self.usage_credits = Counter(
+            f"{PREFIX}_usage_credits",
+            "Credits Quota reported spending on billed calls (credits_used of its quota blocks).",
+            ["endpoint"],
+            registry=r,
+        )
+        self.usage_tokens = Counter(
+            f"{PREFIX}_usage_tokens",
+            "Tokens the model counted on billed calls whose usage was read, by kind: "
+            + ", ".join(TOKEN_KINDS)
+            + ".",
+            ["endpoint", "kind"],
+            registry=r,
+        )
+        self.usage_billed = Counter(
+            f"{PREFIX}_usage_billed_requests",
+            "Billed calls (POST /v1) Quota answered with 200, whether or not their usage was read.",
+            ["endpoint"],
+            registry=r,
+        )
+        self.usage_unread = Counter(
+            f"{PREFIX}_usage_unread",
+            "Billed calls answered 200 whose usage could not be read, by reason.",
+            ["endpoint", "reason"],
+            registry=r,
+        )
+        self.guard_rejections = Counter(
+            f"{PREFIX}_guard_rejections",
+            "Calls refused with 429 by a per-user guard, by error code.",
+            ["code"],
+            registry=r,
+        )
+        self.guard_errors = Counter(
+            f"{PREFIX}_guard_errors",
+            "Guard operations that failed (store unreachable); the call went through (fail open).",
+            ["operation"],
+            registry=r,
+        )
+        for endpoint in USAGE_ENDPOINTS:
+            self.usage_credits.labels(endpoint)
+            self.usage_billed.labels(endpoint)
+        for code in GUARD_CODES:
+            self.guard_rejections.labels(code)
+        self._usage_children: dict[str, tuple[Counter, Counter, Counter, Counter]] = {}
+        self._unread_children: dict[tuple[str, str], tuple[Counter, Counter]] = {}
         # Zero series for the fixed label sets, so rates and alerts exist before the first event.
         for outcome in REFRESH_OUTCOMES:
             self.refreshes.labels(outcome)
@@ -276,3 +387,45 @@ class Metrics:
 
     def quota_failed(self, call: str, code: str | None) -> None:
         self.quota_errors.labels(call, self.quota_error(code)).inc()
+
+    def webhook_received(self, event_type: str | None, outcome: str) -> None:
+        known = event_type if event_type in WEBHOOK_TYPES else "other"
+        self.webhooks_received.labels(known, outcome).inc()
+
+    # --- usage and guards ---
+
+    def usage_read(
+        self, endpoint: str, credits_used: int, prompt: int | None, completion: int | None
+    ) -> None:
+        children = self._usage_children.get(endpoint)
+        if children is None:  # once per endpoint: ``labels()`` costs a lock and a lookup
+            children = self._usage_children[endpoint] = (
+                self.usage_billed.labels(endpoint),
+                self.usage_credits.labels(endpoint),
+                self.usage_tokens.labels(endpoint, "prompt"),
+                self.usage_tokens.labels(endpoint, "completion"),
+            )
+        billed, credits, prompt_tokens, completion_tokens = children
+        billed.inc()
+        credits.inc(credits_used)
+        if prompt:
+            prompt_tokens.inc(prompt)
+        if completion:
+            completion_tokens.inc(completion)
+
+    def usage_not_read(self, endpoint: str, reason: str) -> None:
+        key = (endpoint, reason)
+        children = self._unread_children.get(key)
+        if children is None:  # bounded: endpoints x reasons, both fixed sets
+            children = self._unread_children[key] = (
+                self.usage_billed.labels(endpoint),
+                self.usage_unread.labels(endpoint, reason),
+            )
+        for child in children:
+            child.inc()
+
+    def guard_rejected(self, code: str) -> None:
+        self.guard_rejections.labels(code).inc()
+
+    def guard_failed(self, operation: str) -> None:
+        self.guard_errors.labels(operation).inc()

@@ -1,4 +1,4 @@
-"""The Quota OAuth client: authorize URLs, code exchange, refresh, revoke and the balance read.
+"""The Quota OAuth client: authorize URLs, code exchange, refresh, revoke and small JSON reads.
 
 Every call that leaves for Quota goes through here, so this is where aiohttp's exceptions and
 Quota's two error-body styles (RFC 6749 ``{"error", "error_description"}`` and Quota's
@@ -31,6 +31,7 @@ from sidecar.tokens.model import TokenRecord
 
 log = logging.getLogger(__name__)
 
+MAX_ID_CHARS = 256  # a Quota user id longer than this is not one
 # Errors that mean the grant itself is gone: the user must connect again.
 GRANT_ENDED = frozenset({"invalid_grant", "invalid_token", "unauthorized_client"})
 
@@ -138,6 +139,24 @@ class QuotaClient:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise QuotaUnavailable(detail=f"GET {path}: {type(exc).__name__}") from None
 
+    async def quota_user_id(self, access_token: str) -> str | None:
+        """Who the token belongs to at Quota: ``/oauth/userinfo``'s ``sub``, else the
+        ``user_id`` of ``/v1/balance`` (for grants without ``openid``). ``None`` when neither
+        answers with one: knowing it is useful (Quota's webhooks name users by it), not needed.
+        """
+        for path, field in (("/oauth/userinfo", "sub"), ("/v1/balance", "user_id")):
+            try:
+                status, body, _ = await self.get_json(path, access_token)
+            except QuotaUnavailable as exc:
+                log.warning("could not ask Quota who the user is (%s)", exc.detail)
+                continue
+            found = _string_field(body, field) if status == 200 else None
+            if found is not None:
+                return found
+            log.info("Quota's %s gave no %s (status %s)", path, field, status)
+        log.warning("Quota did not say who the user is; its webhooks cannot reach this grant")
+        return None
+
     def _client_auth(self) -> dict[str, str]:
         return {
             "client_id": self._config.client_id,
@@ -171,6 +190,89 @@ class QuotaClient:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise QuotaUnavailable(detail=f"POST {path}: {type(exc).__name__}") from None
 
+    # --- top-up: packages and checkout (sidecar.routes.topup) -------------------------------
+
+    async def packages(self) -> bytes:
+        """Quota's ``GET /v1/packages`` (no token needed): the raw JSON list, as Quota sent it."""
+        status, body = await self._call_json("GET", "/v1/packages")
+        data = _json_object(body)
+        if status >= 500 or status == 429 or data is None:
+            raise QuotaUnavailable(detail=f"packages answered {status}")
+        if status >= 400:
+            raise QuotaOAuthError(_error_code(body) or f"http_{status}", status)
+        if status != 200 or not isinstance(data.get("data"), list):
+            raise QuotaUnavailable(detail=f"packages answered {status} without a list")
+        return body
+
+    async def create_checkout(
+        self, access_token: str, *, package_id: str, success_url: str, cancel_url: str
+    ) -> Checkout:
+        """``POST /api/payments/checkout`` for the token's user; Quota answers a page to pay on."""
+        status, body = await self._call_json(
+            "POST",
+            "/api/payments/checkout",
+            token=access_token,
+            payload={
+                "package_id": package_id,
+                "success_url": success_url,
+                "cancel_url": cancel_url,
+            },
+        )
+        data = _json_object(body)
+        if status >= 500 or status == 429:
+            raise QuotaUnavailable(detail=f"checkout answered {status}")
+        if status >= 400:
+            code = _error_code(body)
+            if code is None:
+                raise QuotaUnavailable(detail=f"checkout answered {status} without an error code")
+            raise QuotaOAuthError(code, status)
+        url = data.get("url") if data is not None else None
+        if not isinstance(url, str) or not url:
+            raise QuotaUnavailable(detail=f"checkout answered {status} without a url")
+        session_id = data.get("id") if data is not None else None
+        return Checkout(id=session_id if isinstance(session_id, str) else "", url=url)
+
+    async def _call_json(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None = None,
+        payload: dict[str, Any] | None = None,
+    ) -> tuple[int, bytes]:
+        # Bodies are read raw (the session does not decompress): ask for them uncompressed.
+        headers = {"Accept": "application/json", "Accept-Encoding": "identity"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        try:
+            async with self._session.request(
+                method,
+                f"{self._base}{path}",
+                json=payload,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as resp:
+                return resp.status, await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise QuotaUnavailable(detail=f"{method} {path}: {type(exc).__name__}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Checkout:
+    """A checkout Quota opened: its id and the page (``url``) where the user pays."""
+
+    id: str
+    url: str
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
 
 def _parse_tokens(body: bytes, *, sent_at: float, grant: str) -> TokenRecord:
     """Validate a token response; anything malformed is Quota being unavailable, not a grant loss."""
@@ -200,6 +302,16 @@ def _parse_tokens(body: bytes, *, sent_at: float, grant: str) -> TokenRecord:
         scope=scope if isinstance(scope, str) else "",
         obtained_at=sent_at,
     )
+
+
+def _string_field(body: bytes, name: str) -> str | None:
+    """``body[name]`` when ``body`` is a JSON object and the value a short non-empty string."""
+    try:
+        data: Any = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    value = data.get(name) if isinstance(data, dict) else None
+    return value if isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS else None
 
 
 def _error_code(body: bytes) -> str | None:

@@ -11,12 +11,19 @@ One cookie per round-trip, not one shared cookie, because two tabs that click Co
 same instant would otherwise each write the cookie from the request they saw, and the last
 response would erase the other tab's state. Each cookie is single-use: the callback deletes it
 whatever the outcome. An unreadable or tampered cookie is "no round-trip" (aiohttp-session).
+
+A connect the host app's *backend* starts (``GET /auth/quota/connect-url`` on the internal
+listener) has no browser to hold a cookie yet: its round-trip is kept server-side instead, in the
+token store, sealed, under its state, for ``pending_ttl_s``, and taken (read and deleted in one
+step) by the first callback that names it (``remember_server_side`` / ``take_server_side``).
 """
 
 from __future__ import annotations
 
 import base64
-from dataclasses import asdict, dataclass
+import json
+import logging
+from dataclasses import asdict, dataclass, fields
 
 from aiohttp import web
 from aiohttp_session import Session
@@ -25,11 +32,15 @@ from cryptography.fernet import Fernet
 
 from sidecar.config import SessionConfig
 from sidecar.forwarding.headers import Network, client_scheme
+from sidecar.tokens.store import TokenStore
+
+log = logging.getLogger(__name__)
 
 COOKIE_PATH = "/auth/quota"
 MAX_PENDING = 4  # round-trips one browser may have open; the oldest go beyond this
 _KEY = "pending"
 _STATE_CHARS = 16
+_MAX_STATE_CHARS = 128  # the sidecar's states are 64 hex characters
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +157,28 @@ def _pending_for(session: Session, state: str) -> Pending | None:
         return Pending(**entry)
     except TypeError:
         return None
+
+
+async def remember_server_side(store: TokenStore, pending: Pending, ttl_s: float) -> None:
+    """Keep a backend-started round-trip in the store until its callback (or ``ttl_s``)."""
+    payload = json.dumps(asdict(pending), separators=(",", ":")).encode("utf-8")
+    await store.remember_connect(pending.state, payload, ttl_s)
+
+
+async def take_server_side(store: TokenStore, state: str | None) -> Pending | None:
+    """The backend-started round-trip for ``state``, removed from the store (single use)."""
+    if not state or len(state) < _STATE_CHARS or len(state) > _MAX_STATE_CHARS:
+        return None
+    payload = await store.take_connect(state)
+    if payload is None:
+        return None
+    try:
+        entry = json.loads(payload)
+        found = Pending(**{f.name: entry[f.name] for f in fields(Pending)})
+    except (ValueError, KeyError, TypeError):
+        log.warning("a server-side pending connect is not readable; ignoring it")
+        return None
+    return found if found.state == state else None
 
 
 def is_expired(pending: Pending, ttl_s: float, now: float) -> bool:

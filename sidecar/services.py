@@ -1,7 +1,9 @@
 """The long-lived objects both listeners share, made once at start-up and closed at shutdown.
 
 Made here: the HTTP client sessions (one pooled session per target: Quota, the host app), the
-token store, the keys derived from ``SESSION_SECRET``, the Quota client and the token manager.
+token store, the keys derived from ``SESSION_SECRET``, the Quota client and the token manager,
+and the host-app event sink (``sidecar.hooks``), whose delivery runs from start-up until shutdown
+has flushed it (after the listeners closed, so events of the last requests still go out).
 Tests pass their own clock or store through ``open_services``; nothing here is a module-level
 singleton.
 """
@@ -21,6 +23,8 @@ from sidecar import observe
 from sidecar.config import Config
 from sidecar.config_loader import decode_key
 from sidecar.forwarding.headers import Network, parse_networks
+from sidecar.guards import UserGuards, create_guards
+from sidecar.hooks import EventSink, create_sink, user_resolver
 from sidecar.metrics import Metrics
 from sidecar.oauth import QuotaClient
 from sidecar.tokens.counted import CountedStore
@@ -50,6 +54,10 @@ class Services:
     cookie_key: bytes
     trusted_proxies: tuple[Network, ...]
     metrics: Metrics = field(default_factory=Metrics)
+    # Host-app events (sidecar.hooks); the silent sink unless events.url is set.
+    events: EventSink = field(default_factory=EventSink)
+    # Per-user guards (sidecar.guards); None while every guard is off.
+    guards: UserGuards | None = None
 
     def user_key(self, user_id: str) -> str:
         return self.user_keys.key_for(user_id)
@@ -126,28 +134,42 @@ async def open_services(
             metrics.app_errors,
         ),
     )
+    events = create_sink(
+        config.events, metrics=metrics, clock=clock, resolve_user=user_resolver(token_store)
+    )
+    guards = create_guards(config.guards, token_store, clock=clock, metrics=metrics)
+    tokens: TokenManager | None = None
     try:
         quota = QuotaClient(quota_http, config.quota, clock=clock)
+        tokens = TokenManager(
+            CountedStore(token_store, metrics),
+            quota,
+            refresh_skew_s=config.tokens.refresh_skew_s,
+            clock=clock,
+            coordinator=coordinator,
+            metrics=metrics,
+        )
+        await events.start()
         yield Services(
             config=config,
             clock=clock,
             quota_http=quota_http,
             upstream_http=upstream_http,
             quota=quota,
-            tokens=TokenManager(
-                CountedStore(token_store, metrics),
-                quota,
-                refresh_skew_s=config.tokens.refresh_skew_s,
-                clock=clock,
-                coordinator=coordinator,
-                metrics=metrics,
-            ),
+            tokens=tokens,
             user_keys=UserKeys(derive_key(secret, USER_KEY_LABEL)),
             cookie_key=derive_key(secret, COOKIE_LABEL),
             trusted_proxies=parse_networks(config.session.trusted_proxies),
             metrics=metrics,
+            events=events,
+            guards=guards,
         )
     finally:
+        if tokens is not None:
+            await tokens.close()  # status notes still being written, before the store closes
+        if guards is not None:
+            await guards.close()  # before the store: they share its Redis client
+        await events.close()  # bounded by events.flush_timeout_s
         if redis_coordinator is not None:
             await redis_coordinator.close()
         await quota_http.close()

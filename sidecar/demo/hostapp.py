@@ -11,7 +11,13 @@ A host app keeps its own sign-in and adds two things, nothing more:
 
 The browser side is a link to ``/auth/quota/connect`` and same-origin ``fetch`` calls to
 ``/auth/quota/status``, ``/balance`` and ``/disconnect``, which the sidecar serves in front of the
-app. No OAuth code, no token storage, no Quota SDK.
+app; when the wallet runs low, links to ``/auth/quota/topup?package=…`` (the packages come from
+``/auth/quota/packages``). No OAuth code, no token storage, no Quota SDK.
+
+Optionally, an events endpoint: with ``events_secret`` set, ``POST /quota/events`` takes the
+sidecar's signed events (``events.url``), checks each signature with
+``sidecar.hooks.verify_signature``, logs it and keeps the last few, which the page lists for the
+user they concern (``GET /api/events``).
 
 The rest is demo furniture: sign-in by name (any name; an HMAC-signed cookie), one page, and
 ``POST /api/chat``, which streams the sidecar's SSE answer through to the browser as it arrives.
@@ -32,15 +38,19 @@ import json
 import logging
 import re
 import secrets
+import time
+from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
-from typing import Final
+from typing import Any, Final
 from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
+
+from sidecar.hooks import SIGNATURE_HEADER, verify_signature
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +65,12 @@ CONNECT_TIMEOUT_S: Final = 5.0
 READ_TIMEOUT_S: Final = 120.0
 # Error bodies are small JSON; a larger one is not relayed as-is.
 MAX_ERROR_BODY_BYTES: Final = 64 * 1024
+# Events are small JSON; the page shows a user the few latest of theirs.
+MAX_EVENT_BODY_BYTES: Final = 64 * 1024
+KEPT_EVENTS: Final = 50
+SHOWN_EVENTS: Final = 5
+# Sidecar headers the browser may use on a relayed error (the top-up hint on a 402).
+_RELAYED_ERROR_HEADERS: Final = ("Retry-After", "X-Quota-Topup-Url")
 
 # The cookie key is derived from the secret under its own label, so passing the sidecar's
 # SESSION_SECRET here does not reuse the sidecar's keys.
@@ -105,9 +121,20 @@ class _Settings:
     internal_api_key: str | None
     cookie_key: bytes
     pages: _Pages
+    events_secret: str | None = None
 
 
 SETTINGS_KEY: Final = web.AppKey("demo_settings", _Settings)
+
+
+class _EventLog:
+    """The latest events the sidecar delivered, newest last (in memory: a demo needs no more)."""
+
+    def __init__(self) -> None:
+        self.events: deque[dict[str, Any]] = deque(maxlen=KEPT_EVENTS)
+
+
+EVENTS_KEY: Final = web.AppKey("demo_events", _EventLog)
 HTTP_KEY: Final = web.AppKey("demo_http", aiohttp.ClientSession)
 
 
@@ -117,8 +144,12 @@ def create_host_app(
     identity_header: str = "X-Quota-User",
     internal_api_key: str | None = None,
     cookie_secret: bytes | None = None,
+    events_secret: str | None = None,
 ) -> web.Application:
-    """Build the demo app; ``internal_url`` is the sidecar's internal listener."""
+    """Build the demo app; ``internal_url`` is the sidecar's internal listener.
+
+    ``events_secret`` (the sidecar's ``events.secret``) turns on ``POST /quota/events``.
+    """
     if not _HEADER_TOKEN.fullmatch(identity_header):
         raise ValueError(f"identity_header {identity_header!r} is not a valid HTTP header name")
     if cookie_secret is not None and not cookie_secret:
@@ -131,13 +162,18 @@ def create_host_app(
         internal_api_key=internal_api_key or None,
         cookie_key=hmac.new(secret, _COOKIE_KEY_LABEL, hashlib.sha256).digest(),
         pages=_Pages.load(),
+        events_secret=events_secret or None,
     )
+    app[EVENTS_KEY] = _EventLog()
     app.cleanup_ctx.append(_http_client)
     app.router.add_get("/", _index)
     app.router.add_post("/login", _login)
     app.router.add_post("/logout", _logout)
     app.router.add_get("/quota/whoami", _whoami)
     app.router.add_post("/api/chat", _chat)
+    app.router.add_get("/api/events", _recent_events)
+    if events_secret:
+        app.router.add_post("/quota/events", _receive_event)
     return app
 
 
@@ -226,9 +262,9 @@ async def _relay_error(upstream: aiohttp.ClientResponse) -> web.Response:
     except (aiohttp.ClientError, TimeoutError) as exc:
         log.warning("sidecar error body cut off: %r", exc)
         return _sidecar_unavailable()
-    headers = {}
-    if retry_after := upstream.headers.get("Retry-After"):
-        headers["Retry-After"] = retry_after
+    headers = {
+        name: upstream.headers[name] for name in _RELAYED_ERROR_HEADERS if name in upstream.headers
+    }
     if len(body) <= MAX_ERROR_BODY_BYTES and _is_json_object(body):
         return web.Response(
             body=bytes(body),
@@ -302,6 +338,47 @@ async def _read_message(request: web.Request) -> str | None:
     if not 1 <= len(message) <= MAX_MESSAGE_CHARS:
         return None
     return message
+
+
+# --- optional: events from the sidecar ----------------------------------------------------------
+
+
+async def _receive_event(request: web.Request) -> web.Response:
+    """``events.url``: check the signature on the raw body first, then keep the event."""
+    settings = request.app[SETTINGS_KEY]
+    assert settings.events_secret is not None  # the route exists only with a secret
+    body = await request.content.read(MAX_EVENT_BODY_BYTES + 1)
+    header = request.headers.get(SIGNATURE_HEADER)
+    if len(body) > MAX_EVENT_BODY_BYTES or not verify_signature(
+        settings.events_secret, header, body, now=time.time()
+    ):
+        log.warning("refused an event whose signature does not check out")
+        return _json_error(401, "invalid_signature", "The event signature does not check out.")
+    try:
+        event = json.loads(body)
+    except ValueError:
+        event = None
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        return _json_error(400, "invalid_event", "An event is a JSON object with a type.")
+    log.info("event %s %s for %s", event.get("id"), event["type"], event.get("user"))
+    request.app[EVENTS_KEY].events.append(event)
+    return web.Response(status=204)
+
+
+async def _recent_events(request: web.Request) -> web.Response:
+    """The signed-in user's latest events, newest first: only their own."""
+    settings = request.app[SETTINGS_KEY]
+    name = _signed_in_user(request, settings)
+    if name is None:
+        return _json_error(401, "not_signed_in", "Sign in first.")
+    if settings.events_secret is None:
+        return _json_error(404, "events_off", "This demo was started without events.")
+    me = user_id(name)
+    mine = [e for e in reversed(request.app[EVENTS_KEY].events) if e.get("user") == me]
+    shown = [
+        {k: e.get(k) for k in ("id", "type", "created_at", "data")} for e in mine[:SHOWN_EVENTS]
+    ]
+    return web.json_response({"events": shown}, headers=_NO_STORE)
 
 
 # --- demo sign-in -------------------------------------------------------------------------------

@@ -6,6 +6,11 @@
 The emulator registers an OAuth client whose redirect URI is the recipe's dev callback,
 ``http://localhost:5180/auth/quota/callback``; the sidecar uses the in-memory store. Everything
 binds to loopback and stops on Ctrl-C.
+
+The wallet features are wired end to end, each with a secret made fresh per run: the emulator
+sends its webhooks (signed with a ``whsec_`` secret) to the sidecar's ``/auth/quota/webhook``,
+and the sidecar passes them on, signed with the events secret, to the demo app's
+``/quota/events``, which the page lists. Top-ups go through the emulator's checkout page.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ class Demo:
     internal_url: str
     quota: MockQuota
     config: Config
+    webhook_secret: str  # the emulator signs its webhooks with it; the sidecar checks them
+    events_secret: str  # the sidecar signs events for the app with it; the app checks them
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,12 +94,18 @@ async def running_demo(
         # The app needs the internal listener's URL before the sidecar starts.
         internal_port = internal_port or _free_port()
         internal_url = f"http://127.0.0.1:{internal_port}"
-        app_runner = web.AppRunner(create_host_app(internal_url=internal_url))
+        events_secret = secrets.token_urlsafe(32)
+        app_runner = web.AppRunner(
+            create_host_app(internal_url=internal_url, events_secret=events_secret)
+        )
         await app_runner.setup()
         app_site = web.TCPSite(app_runner, "127.0.0.1", app_port)
         await app_site.start()
         app_url = _url_of(app_runner)
         port = port or _free_port()
+        webhook_secret = "whsec_" + secrets.token_hex(24)
+        quota.settings.webhook_url = f"http://{host}:{port}/auth/quota/webhook"
+        quota.settings.webhook_secret = webhook_secret
         client = quota.register_client(
             name="Demo Notes AI",
             redirect_uris=[
@@ -114,6 +127,10 @@ async def running_demo(
             "upstream": {"url": app_url},
             "session": {"secret": secrets.token_urlsafe(32)},
             "log": {"format": "text"},
+            "webhooks": {"secret": webhook_secret},
+            "events": {"url": f"{app_url}/quota/events", "secret": events_secret},
+            # /v1 402 answers name the top-up page on the origin the browser uses.
+            "topup": {"public_url": f"http://localhost:{port}"},
         }
         for name, values in (config_overrides or {}).items():
             sections.setdefault(name, {}).update(values)
@@ -129,6 +146,8 @@ async def running_demo(
                     internal_url=sidecar.urls["internal"],
                     quota=quota,
                     config=config,
+                    webhook_secret=webhook_secret,
+                    events_secret=events_secret,
                 )
             finally:
                 await sidecar.stop()
@@ -168,7 +187,9 @@ async def _run(args: argparse.Namespace) -> int:
             print(
                 f"\n  quota-sidecar demo is running.\n\n"
                 f"  Open {demo.url} in your browser, sign in with any name, click\n"
-                f"  'Connect Quota Wallet', approve on the emulator's consent page, then chat.\n\n"
+                f"  'Connect Quota Wallet', approve on the emulator's consent page, then chat.\n"
+                f"  Below $1 the page offers a top-up through the emulator's checkout; wallet\n"
+                f"  events (Quota's webhooks, passed on by the sidecar) are listed on the page.\n\n"
                 f"  emulator (Quota)   {demo.quota_url}\n"
                 f"  demo app           {demo.app_url}\n"
                 f"  internal listener  {demo.internal_url}\n\n"

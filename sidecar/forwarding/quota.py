@@ -16,12 +16,14 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from sidecar import scopes
 from sidecar.errors import InvalidPath, QuotaUnavailable
 from sidecar.forwarding.headers import FORWARDED, filter_headers
 from sidecar.forwarding.stream import replayable_body, send, stream_back, stream_timeout
 from sidecar.forwarding.websocket import is_upgrade, relay_websocket
+from sidecar.guards.metered import metered, watch_usage
 from sidecar.identity import header_identity
-from sidecar.observe import QuotaErrorTap
+from sidecar.routes import topup
 from sidecar.services import SERVICES, Services
 
 PREFIXES = ("/v1/", "/v1beta/")
@@ -90,7 +92,9 @@ async def forward(request: web.Request) -> web.StreamResponse:
     body, replayable = await replayable_body(
         request, cfg.replay_max_bytes, services.config.limits.max_v1_body_bytes
     )
-    timeout = stream_timeout(cfg.connect_timeout_s, cfg.stream_idle_timeout_s)
+    timeout = stream_timeout(
+        cfg.connect_timeout_s, cfg.stream_idle_timeout_s, cfg.first_byte_timeout_s
+    )
 
     async def attempt(access_token: str) -> aiohttp.ClientResponse:
         return await send(
@@ -108,8 +112,14 @@ async def forward(request: web.Request) -> web.StreamResponse:
         upstream.release()
         record = await services.tokens.after_rejection(user_key, record)
         upstream = await attempt(record.access_token)
-    tap = QuotaErrorTap.of(services.metrics, upstream)
-    response = await stream_back(request, upstream, on_chunk=tap)
+    tap = scopes.watch(services, user_key, record, request.path, upstream)  # 403: needs_reconnect
+    # A 402 insufficient_credits gains X-Quota-Topup-Url (its small body is read first).
+    response = await topup.answer_payment_required(request, services, upstream, on_chunk=tap)
+    if response is None:
+        # Guards and usage (sidecar.guards.metered): a 200 answer's chunks also feed, as they go
+        # to the client, the observer that reads Quota's quota block; an error feeds ``tap``.
+        meter = watch_usage(request, upstream)
+        response = await stream_back(request, upstream, on_chunk=tap or meter)
     if tap is not None:
         tap.record()
     return response
@@ -117,4 +127,5 @@ async def forward(request: web.Request) -> web.StreamResponse:
 
 def add_routes(app: web.Application) -> None:
     for prefix in PREFIXES:
-        app.router.add_route("*", prefix + "{tail:.*}", forward)
+        # metered: per-user guards before the call, usage and settlement after it.
+        app.router.add_route("*", prefix + "{tail:.*}", metered(forward))

@@ -5,12 +5,19 @@ soon as the target sends them, so SSE events keep their timing. Responses are no
 (the client session runs with ``auto_decompress=False``), so bytes and ``Content-Length`` stay
 the target's. If the client goes away, aiohttp cancels this handler and the ``async with`` closes
 the upstream connection at once.
+
+Timeouts fit streams (``StreamTimeouts``); there is never a total::
+
+    connect ──► send the request (as fast as the client gives it) ──► wait ──► headers ──► body
+    └ connect_s (also the wait for a free pooled connection)          │                   │
+                                                     first_byte_s ────┘   idle_s between reads
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Union
 
 import aiohttp
@@ -18,7 +25,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from sidecar.errors import PayloadTooLarge, SidecarError
+from sidecar.errors import PayloadTooLarge, QuotaUnavailable, UpstreamUnavailable
 from sidecar.forwarding.headers import filter_headers
 
 log = logging.getLogger(__name__)
@@ -99,13 +106,52 @@ async def _then_rest(head: list[bytes], rest: aiohttp.StreamReader) -> AsyncIter
         yield chunk
 
 
-def stream_timeout(connect_s: float, idle_s: float) -> aiohttp.ClientTimeout:
-    """Timeouts that fit streams: no total, ``idle_s`` between reads, and ``connect_s`` for the
-    connection — which also bounds the wait for a free pooled one, so a full pool answers 502
-    instead of hanging."""
-    return aiohttp.ClientTimeout(
-        total=None, connect=connect_s, sock_connect=connect_s, sock_read=idle_s
+@dataclass(frozen=True, slots=True)
+class StreamTimeouts:
+    """Connect, first byte, idle: each phase of one exchange bounded on its own, none in total.
+
+    ``connect_s`` also bounds the wait for a free pooled connection, so a full pool answers 502
+    instead of hanging. ``first_byte_s`` runs from the moment the whole request was sent (a slow
+    upload does not count) until the answer starts; ``idle_s`` then bounds each silence in the
+    body, so a healthy stream is never cut however long it lasts.
+    """
+
+    connect_s: float
+    first_byte_s: float
+    idle_s: float
+
+    def client_timeout(self) -> aiohttp.ClientTimeout:
+        # aiohttp starts sock_read once the request is fully written and restarts it on every
+        # read: until the headers it is the first-byte wait; ``send`` then sets it to idle_s.
+        return aiohttp.ClientTimeout(
+            total=None,
+            connect=self.connect_s,
+            sock_connect=self.connect_s,
+            sock_read=self.first_byte_s,
+        )
+
+
+def stream_timeout(
+    connect_s: float, idle_s: float, first_byte_s: float | None = None
+) -> StreamTimeouts:
+    """Timeouts for one relayed exchange; without ``first_byte_s`` the wait for the answer is
+    ``idle_s`` too."""
+    return StreamTimeouts(
+        connect_s=connect_s,
+        first_byte_s=idle_s if first_byte_s is None else first_byte_s,
+        idle_s=idle_s,
     )
+
+
+def _idle_from_now(response: aiohttp.ClientResponse, idle_s: float) -> None:
+    """The headers are in: from now on each read may wait ``idle_s``, not the first-byte time."""
+    connection = response.connection
+    protocol = connection.protocol if connection is not None else None
+    if protocol is None:
+        return  # the whole answer is in and its connection released
+    protocol.read_timeout = idle_s
+    if not response.content.is_eof():
+        protocol.start_timeout()  # restart the read timer now, with idle_s
 
 
 async def send(
@@ -114,19 +160,21 @@ async def send(
     url: URL,
     headers: CIMultiDict[str],
     *,
-    timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - per-read timeouts, not a deadline
-    unavailable: Callable[[str], SidecarError],
+    timeout: StreamTimeouts,  # noqa: ASYNC109 - per-phase timeouts, not a deadline
+    unavailable: Callable[[str], QuotaUnavailable | UpstreamUnavailable],
     data: Body = None,
 ) -> aiohttp.ClientResponse:
-    """Send the request on; failures before an answer raise ``unavailable(detail)``."""
+    """Send the request on; failures before an answer raise ``unavailable(detail)``, and no
+    answer within ``timeout.first_byte_s`` its 504 form (the call is cancelled: aiohttp closes
+    the connection)."""
     try:
-        return await http.request(
+        response = await http.request(
             request.method,
             url,
             headers=headers,
             data=data,
             allow_redirects=False,
-            timeout=timeout,
+            timeout=timeout.client_timeout(),
             skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
         )
     except PayloadTooLarge:
@@ -134,7 +182,12 @@ async def send(
     except (aiohttp.ClientError, TimeoutError) as exc:
         if isinstance(data, CountedBody) and data.exceeded:
             raise PayloadTooLarge from None
+        if isinstance(exc, aiohttp.SocketTimeoutError):  # sock_read before the headers
+            waited = f"no answer {timeout.first_byte_s:g} s after the request was sent"
+            raise unavailable(f"{request.method} {url.host}: {waited}").timed_out() from None
         raise unavailable(f"{request.method} {url.host}: {type(exc).__name__}") from None
+    _idle_from_now(response, timeout.idle_s)
+    return response
 
 
 async def stream_back(
@@ -181,8 +234,8 @@ async def relay(
     url: URL,
     headers: CIMultiDict[str],
     *,
-    timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - per-read timeouts, not a deadline
-    unavailable: Callable[[str], SidecarError],
+    timeout: StreamTimeouts,  # noqa: ASYNC109 - per-phase timeouts, not a deadline
+    unavailable: Callable[[str], QuotaUnavailable | UpstreamUnavailable],
     data: Body = None,
 ) -> web.StreamResponse:
     """Send the request to ``url`` and stream the response back to ``request``'s client."""

@@ -55,7 +55,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             connect_timeout_s=cfg.connect_timeout_s,
             unavailable=UpstreamUnavailable,
         )
-    timeout = stream_timeout(cfg.connect_timeout_s, cfg.idle_timeout_s)
+    timeout = stream_timeout(cfg.connect_timeout_s, cfg.idle_timeout_s, cfg.first_byte_timeout_s)
     return await relay(
         request,
         services.upstream_http,

@@ -1,12 +1,14 @@
 """The browser's ``/auth/quota/*`` routes on the public listener: connect, callback, and friends.
 
 Identity always comes from the probe to the host app (``sidecar.identity``). The OAuth state in
-flight lives in the encrypted cookie (``sidecar.pending``). Callback failures end at
-``redirects.after_error?quota_error=<code>`` with nothing stored.
+flight lives in the encrypted cookie (``sidecar.pending``), or, for a connect link the backend
+made (``sidecar.routes.users``), server-side in the token store, bound to its user. Callback
+failures end at ``redirects.after_error?quota_error=<code>`` with nothing stored.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import secrets
@@ -116,6 +118,15 @@ async def _complete(request: web.Request, services: Services, response: web.Stre
     state = query.get("state")
     # Single use: the round-trip's cookie is deleted on ``response`` whatever the outcome.
     found = await request.app[PENDING_COOKIES].take(request, response, state)
+    # No cookie for it: a connect link the backend made (GET /auth/quota/connect-url), kept
+    # server-side and bound to one user. Taken (deleted) here whatever the outcome, too.
+    linked = False
+    if found is None:
+        try:
+            found = await pending.take_server_side(services.tokens.store, state)
+        except SidecarError as exc:
+            raise CallbackError(exc.code, detail=exc.detail) from None
+        linked = found is not None
     error = query.get("error")
     if error is not None:
         raise CallbackError(error if _ERROR_CODE.match(error) else "access_denied")
@@ -131,6 +142,8 @@ async def _complete(request: web.Request, services: Services, response: web.Stre
     except SidecarError as exc:
         raise CallbackError(exc.code) from None
     if user is None or services.user_key(user) != found.user_key:
+        if linked:  # someone else opened the link, or a link made for someone else was planted
+            raise CallbackError("state_mismatch", detail="connect link bound to another user")
         raise CallbackError("identity_changed", detail="the signed-in user changed mid-connect")
     try:
         record = await services.quota.exchange_code(
@@ -140,6 +153,10 @@ async def _complete(request: web.Request, services: Services, response: web.Stre
         raise CallbackError("token_exchange_failed", detail=f"Quota said {exc.code}") from None
     except SidecarError as exc:
         raise CallbackError("token_exchange_failed", detail=exc.detail) from None
+    # Who the grant belongs to, here and at Quota: forwarded events name the user, and Quota's
+    # webhooks name the Quota user. Not knowing the latter does not fail the connect.
+    quota_user_id = await services.quota.quota_user_id(record.access_token)
+    record = dataclasses.replace(record, user_id=user, quota_user_id=quota_user_id)
     try:
         await services.tokens.connect(found.user_key, record)
     except SidecarError as exc:

@@ -75,6 +75,23 @@ class CountedStore:
     async def reseal(self, user_key: str) -> bool:
         return await self._counted("reseal", self.inner.reseal(user_key))
 
+    async def user_keys_for_quota_user(self, quota_user_id: str) -> list[str]:
+        return await self._counted(
+            "user_keys_for_quota_user", self.inner.user_keys_for_quota_user(quota_user_id)
+        )
+
+    async def claim_event(self, event_id: str, ttl_s: float) -> bool:
+        return await self._counted("claim_event", self.inner.claim_event(event_id, ttl_s))
+
+    async def release_event(self, event_id: str) -> None:
+        await self._counted("release_event", self.inner.release_event(event_id))
+
+    async def remember_connect(self, state: str, payload: bytes, ttl_s: float) -> None:
+        await self._counted("remember_connect", self.inner.remember_connect(state, payload, ttl_s))
+
+    async def take_connect(self, state: str) -> bytes | None:
+        return await self._counted("take_connect", self.inner.take_connect(state))
+
     async def ping(self) -> None:
         await self._counted("ping", self.inner.ping())
 

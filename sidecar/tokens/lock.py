@@ -57,6 +57,7 @@ return 0
 POLL_INTERVAL_S = 0.5
 LISTENER_STOP_S = 2.0
 LISTENER_RETRY_MIN_S = 0.1
+LISTENER_READ_S = 0.5
 LISTENER_RETRY_MAX_S = 5.0
 
 
@@ -99,7 +100,6 @@ class RedisRefreshCoordinator:
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._closed = False
-        self._pubsub: Any = None
         self._subscribed = False
         self.lock_waits = 0  # refreshes that found another replica holding the lease
 
@@ -136,12 +136,8 @@ class RedisRefreshCoordinator:
         task, self._listener = self._listener, None
         if task is not None:
             task.cancel()
+            # A swallowed cancellation still ends at the next read's timeout (LISTENER_READ_S).
             _, pending = await asyncio.wait({task}, timeout=LISTENER_STOP_S)
-            if pending and self._pubsub is not None:
-                # The cancellation was swallowed: closing the connection ends the blocked read.
-                with contextlib.suppress(*REDIS_ERRORS):
-                    await self._pubsub.aclose()
-                _, pending = await asyncio.wait(pending, timeout=LISTENER_STOP_S)
             if pending:
                 log.warning("the refresh wake-up listener did not stop in time; leaving it")
 
@@ -241,12 +237,16 @@ class RedisRefreshCoordinator:
         pattern = f"{self._store.prefix}:{{*}}:changed"
         client = await self._subscriber_client()
         pubsub: Any = client.pubsub()
-        self._pubsub = pubsub
         try:
             await pubsub.psubscribe(pattern)
             self._subscribed = True
-            async for message in pubsub.listen():
-                if message.get("type") != "pmessage":
+            # Reads end every LISTENER_READ_S to look at ``_closed``: a cancellation redis-py
+            # swallows while it reconnects cannot keep the listener (and its socket) alive.
+            while not self._closed:
+                message = await pubsub.get_message(
+                    ignore_subscribe_messages=True, timeout=LISTENER_READ_S
+                )
+                if message is None or message.get("type") != "pmessage":
                     continue
                 channel = message.get("channel", b"")
                 if isinstance(channel, bytes):

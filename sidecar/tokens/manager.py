@@ -18,15 +18,20 @@ re-reads the record first, because another replica may have refreshed meanwhile:
 
 Writes are compare-and-set on the version read under the lock, so a disconnect (delete) that
 lands while the token call is in flight wins: the CAS fails and the new tokens are revoked.
+
+The record's status travels with it: a refresh carries the user ids and ``needs_reconnect``
+over to the new pair and notes its outcome in the same write (a transient failure is noted by a
+compare-and-set of its own, at refresh time only — never on a request that needs no refresh).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Protocol
 
 from sidecar.errors import (
@@ -45,6 +50,10 @@ log = logging.getLogger(__name__)
 # How long a rotated refresh token is remembered, so a request that raced in late re-reads
 # instead of presenting the spent token to Quota.
 GRACE_S = 60.0
+# Compare-and-set attempts for a status write racing a refresh (the refresh wins; we re-read).
+STATUS_WRITE_ATTEMPTS = 3
+# At shutdown, how long background status notes get to finish (a few store round trips).
+CLOSE_WAIT_S = 2.0
 
 
 class RefreshCoordinator(Protocol):
@@ -79,6 +88,7 @@ class TokenManager:
         self._clock = clock
         self._coordinator = coordinator or LocalCoordinator()
         self._inflight: dict[str, asyncio.Task[TokenRecord]] = {}
+        self._background: set[asyncio.Task[TokenRecord | None]] = set()
 
     async def current(self, user_key: str) -> TokenRecord | None:
         """The stored record as it is, without refreshing (for status pages)."""
@@ -115,6 +125,98 @@ class TokenManager:
         self._metrics.wallets_disconnected.labels("user").inc()
         await self._revoke_quietly(record.refresh_token, reason="disconnect")
         return True
+
+    async def forget_quota_user(self, quota_user_id: str, *, reason: str) -> list[str | None]:
+        """Forget every user's grant of Quota user ``quota_user_id`` (Quota revoked it).
+
+        Compare-and-delete on the record read, so a reconnect with another Quota account that
+        lands meanwhile is kept. A grant whose access token Quota still accepts is kept too:
+        whether Quota announces the revocation of one grant while a newer one (a reconnect)
+        lives is not documented, and dropping the live grant would disconnect the user. Returns
+        the host user ids of the grants forgotten (``None`` for records that predate the id).
+        """
+        forgotten: list[str | None] = []
+        for user_key in await self.store.user_keys_for_quota_user(quota_user_id):
+            for _ in range(STATUS_WRITE_ATTEMPTS):
+                record = await self.store.get(user_key)
+                if record is None or record.quota_user_id != quota_user_id:
+                    break
+                if await self._still_accepted(record):
+                    log.info("a grant of a disconnected Quota user still works; kept")
+                    break
+                if await self.store.compare_and_delete(user_key, record.version):
+                    forgotten.append(record.user_id)
+                    self._metrics.wallets_disconnected.labels(reason).inc()
+                    break
+        return forgotten
+
+    async def _still_accepted(self, record: TokenRecord) -> bool:
+        """Whether Quota still takes this record's (unexpired) access token at ``/oauth/userinfo``:
+        a 2xx, or a 403 for a scope the grant lacks (the token itself authenticated).
+
+        Anything else — 401, an expired token, Quota unreachable — leaves the signed webhook's
+        word standing; a grant kept by mistake would only fail its next refresh."""
+        if not record.is_valid_at(self._clock()):
+            return False
+        try:
+            status, _, _ = await self._quota.get_json("/oauth/userinfo", record.access_token)
+        except QuotaUnavailable:
+            return False
+        return 200 <= status < 300 or status == 403
+
+    async def mark_needs_reconnect(
+        self, user_key: str, refused: TokenRecord, missing: Iterable[str]
+    ) -> TokenRecord | None:
+        """Quota refused ``refused``'s token for lacking a scope: note it on the record.
+
+        A compare-and-set; if a refresh wrote meanwhile, the new record (same grant) is marked
+        instead, unless it already holds every missing scope (a new connect fixed it). Never
+        raises: the refusal already went to the caller, and a failed note is only logged.
+        """
+        wanted = tuple(dict.fromkeys(missing))
+        current: TokenRecord | None = refused
+        try:
+            for _ in range(STATUS_WRITE_ATTEMPTS):
+                if current is None:
+                    return None
+                replaced = current.version != refused.version
+                if replaced and wanted and all(scope in current.scopes for scope in wanted):
+                    return current  # replaced by a grant that has the scope
+                if current.needs_reconnect and all(s in current.missing_scopes for s in wanted):
+                    return current
+                marked = dataclasses.replace(
+                    current,
+                    needs_reconnect=True,
+                    missing_scope=" ".join(dict.fromkeys([*current.missing_scopes, *wanted])),
+                )
+                written = await self.store.compare_and_set(user_key, current.version, marked)
+                if written is not None:
+                    log.info(
+                        "grant lacks a scope; the user must reconnect (%s)", marked.missing_scope
+                    )
+                    return written
+                current = await self.store.get(user_key)
+        except StoreUnavailable as exc:
+            log.warning("could not note that a grant lacks a scope: %s", exc.detail)
+        return None
+
+    def mark_needs_reconnect_soon(
+        self, user_key: str, refused: TokenRecord, missing: Iterable[str]
+    ) -> None:
+        """``mark_needs_reconnect`` in the background (from code that cannot await)."""
+        task = asyncio.create_task(self.mark_needs_reconnect(user_key, refused, tuple(missing)))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        """Let status notes still being written finish (bounded), before the store closes."""
+        if not self._background:
+            return
+        _, pending = await asyncio.wait(set(self._background), timeout=CLOSE_WAIT_S)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def revoke_orphan(self, record: TokenRecord) -> None:
         """Revoke a grant that could not be stored, so it does not linger at Quota."""
@@ -177,10 +279,13 @@ class TokenManager:
                     if current is not None:
                         return current
                 raise WalletNotConnected(detail=f"refresh refused: {exc.code}") from None
-            return self._fallback(record, f"refresh answered {exc.status} {exc.code}")
+            return await self._fallback(
+                user_key, record, f"refresh answered {exc.status} {exc.code}"
+            )
         except QuotaUnavailable as exc:
-            return self._fallback(record, exc.detail or "Quota unavailable")
+            return await self._fallback(user_key, record, exc.detail or "Quota unavailable")
 
+        fresh = self._carry_over(record, fresh)
         written = await self.store.compare_and_set(user_key, record.version, fresh)
         if written is not None:
             self._metrics.refreshed("ok")
@@ -197,9 +302,36 @@ class TokenManager:
             raise WalletNotConnected(detail="disconnected during refresh")
         return current
 
-    def _fallback(self, record: TokenRecord, why: str) -> TokenRecord:
-        """Transient refresh failure: keep the record; use its access token while it still works."""
+    def _carry_over(self, old: TokenRecord, fresh: TokenRecord) -> TokenRecord:
+        """The refreshed pair with the old record's ids and status, and this refresh's outcome.
+
+        A refresh keeps the grant, so a missing scope stays missing unless Quota now grants it.
+        """
+        still_missing = [scope for scope in old.missing_scopes if scope not in fresh.scopes]
+        return dataclasses.replace(
+            fresh,
+            user_id=old.user_id,
+            quota_user_id=old.quota_user_id,
+            needs_reconnect=old.needs_reconnect and (bool(still_missing) or not old.missing_scope),
+            missing_scope=" ".join(still_missing),
+            last_refresh_outcome="ok",
+            last_refresh_at=self._clock(),
+        )
+
+    async def _fallback(self, user_key: str, record: TokenRecord, why: str) -> TokenRecord:
+        """Transient refresh failure: keep the record; use its access token while it still works.
+
+        The failure is noted on the record (we hold the refresh lock, so the compare-and-set
+        normally succeeds); a note that cannot be written is only logged.
+        """
         self._metrics.refreshed("transient")
+        noted = dataclasses.replace(
+            record, last_refresh_outcome="transient", last_refresh_at=self._clock()
+        )
+        try:
+            record = await self.store.compare_and_set(user_key, record.version, noted) or record
+        except StoreUnavailable:
+            log.warning("could not note a transient refresh failure on the record")
         if record.is_valid_at(self._clock()):
             log.warning("refresh failed (%s); using the current access token until it expires", why)
             return record

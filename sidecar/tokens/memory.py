@@ -19,6 +19,10 @@ land in between, and it keeps the version, so one that started before it still s
 Rotation marks live in a second dict, keyed by user and token fingerprint, each with a deadline
 on ``clock`` (``time.monotonic`` unless a test passes its own); expired marks are dropped
 whenever a new one is added, so the dict holds only the last ``ttl_s`` seconds of refreshes.
+Claimed webhook events and pending connects expire the same way.
+
+The Quota-user index is kept exact by every write and delete here (nothing interleaves), and
+read with the same rules as Redis's: candidates verified, old stale entries pruned.
 """
 
 from __future__ import annotations
@@ -31,7 +35,14 @@ from typing import NamedTuple
 
 from sidecar.tokens.crypto import Sealer, SealError
 from sidecar.tokens.model import TokenRecord
-from sidecar.tokens.store import SealState, rotation_fingerprint, seal_state_of
+from sidecar.tokens.store import (
+    INDEX_PRUNE_AFTER_S,
+    SealState,
+    connect_seal_label,
+    fingerprint,
+    rotation_fingerprint,
+    seal_state_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +79,16 @@ class MemoryTokenStore:
         self._entries: dict[str, SealedEntry] = {}
         # (user_key, fingerprint of a spent refresh token) -> deadline on ``clock``
         self._rotated: dict[tuple[str, str], float] = {}
+        # quota user id -> {user_key: indexed at, on ``clock``}; and each user's indexed id
+        self._by_quota_user: dict[str, dict[str, float]] = {}
+        self._quota_user_of: dict[str, str] = {}
+        self._events: dict[str, float] = {}  # fingerprint of an event id -> deadline
+        self._connects: dict[str, tuple[float, bytes]] = {}  # state fingerprint -> (deadline, blob)
 
     async def get(self, user_key: str) -> TokenRecord | None:
+        return self._open(user_key)
+
+    def _open(self, user_key: str) -> TokenRecord | None:
         entry = self._entries.get(user_key)
         if entry is None:
             return None
@@ -96,6 +115,7 @@ class MemoryTokenStore:
         return self._write(user_key, record, current.version)
 
     async def delete(self, user_key: str) -> bool:
+        self._unindex(user_key)
         return self._entries.pop(user_key, None) is not None
 
     async def compare_and_delete(self, user_key: str, expected_version: int) -> bool:
@@ -103,6 +123,7 @@ class MemoryTokenStore:
         if current is None or current.version != expected_version:
             return False
         del self._entries[user_key]
+        self._unindex(user_key)
         return True
 
     async def remember_rotation(self, user_key: str, old_refresh_token: str, ttl_s: float) -> None:
@@ -145,6 +166,52 @@ class MemoryTokenStore:
         self._entries[user_key] = SealedEntry(entry.version, blob)  # same version: see above
         return True
 
+    async def user_keys_for_quota_user(self, quota_user_id: str) -> list[str]:
+        entries = self._by_quota_user.get(quota_user_id, {})
+        now = self._clock()
+        found = []
+        for user_key, indexed_at in list(entries.items()):
+            record = self._open(user_key)
+            if record is not None and record.quota_user_id == quota_user_id:
+                found.append(user_key)
+            elif now - indexed_at >= INDEX_PRUNE_AFTER_S:
+                del entries[user_key]
+        if not entries:
+            self._by_quota_user.pop(quota_user_id, None)
+        return sorted(found)
+
+    async def claim_event(self, event_id: str, ttl_s: float) -> bool:
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be a positive number of seconds")
+        now = self._clock()
+        self._events = {event: until for event, until in self._events.items() if until > now}
+        key = fingerprint(event_id)
+        if key in self._events:
+            return False
+        self._events[key] = now + ttl_s
+        return True
+
+    async def release_event(self, event_id: str) -> None:
+        self._events.pop(fingerprint(event_id), None)
+
+    async def remember_connect(self, state: str, payload: bytes, ttl_s: float) -> None:
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be a positive number of seconds")
+        now = self._clock()
+        self._connects = {s: kept for s, kept in self._connects.items() if kept[0] > now}
+        blob = self._sealer.seal(connect_seal_label(state), payload)
+        self._connects[fingerprint(state)] = (now + ttl_s, blob)
+
+    async def take_connect(self, state: str) -> bytes | None:
+        kept = self._connects.pop(fingerprint(state), None)
+        if kept is None or kept[0] <= self._clock():
+            return None
+        try:
+            return self._sealer.open(connect_seal_label(state), kept[1])
+        except SealError as exc:
+            logger.warning("a pending connect does not open, treating it as absent: %s", exc)
+            return None
+
     async def ping(self) -> None:
         return None
 
@@ -154,7 +221,21 @@ class MemoryTokenStore:
     def _write(self, user_key: str, record: TokenRecord, current: int | None) -> TokenRecord:
         version = new_version(current)
         self._entries[user_key] = SealedEntry(version, self._sealer.seal_record(user_key, record))
+        if record.quota_user_id != self._quota_user_of.get(user_key):
+            self._unindex(user_key)
+        if record.quota_user_id is not None:
+            self._quota_user_of[user_key] = record.quota_user_id
+            self._by_quota_user.setdefault(record.quota_user_id, {})[user_key] = self._clock()
         return record.with_version(version)
+
+    def _unindex(self, user_key: str) -> None:
+        quota_user_id = self._quota_user_of.pop(user_key, None)
+        if quota_user_id is None:
+            return
+        entries = self._by_quota_user.get(quota_user_id, {})
+        entries.pop(user_key, None)
+        if not entries:
+            self._by_quota_user.pop(quota_user_id, None)
 
     # Test hooks: the contract suite uses these to plant blobs the public API cannot produce
     # (a record copied from another user, a tampered blob). Not for application code.
@@ -169,4 +250,13 @@ class MemoryTokenStore:
 
     def rotation_marks(self, user_key: str) -> list[str]:
         """Test hook: the fingerprints of spent refresh tokens held for ``user_key``."""
-        return [fingerprint for user, fingerprint in self._rotated if user == user_key]
+        return [mark for user, mark in self._rotated if user == user_key]
+
+    def index_entries(self, quota_user_id: str) -> dict[str, float]:
+        """Test hook: the raw index entries for ``quota_user_id`` (user key -> indexed at)."""
+        return dict(self._by_quota_user.get(quota_user_id, {}))
+
+    def plant_index_entry(self, quota_user_id: str, user_key: str, age_s: float) -> None:
+        """Test hook: an index entry made ``age_s`` ago, as a failed or outdated write leaves."""
+        entries = self._by_quota_user.setdefault(quota_user_id, {})
+        entries[user_key] = self._clock() - age_s

@@ -5,10 +5,24 @@ Layout, for ``user_key`` (an HMAC of the user id, never the id itself)::
     <prefix>:{<user_key>}:tokens             hash  v = version (decimal), b = sealed blob (bytes)
     <prefix>:{<user_key>}:lock               the cross-replica refresh lock (the refresh logic's)
     <prefix>:{<user_key>}:rotated:<sha256>   "1", expiring: a refresh token spent lately
+    <prefix>:q:{<sha256 of quota user id>}   hash  user_key -> unix time it was indexed
+    <prefix>:evt:{<sha256 of event id>}      "1", expiring: a webhook event already handled
+    <prefix>:connect:{<sha256 of state>}     sealed pending connect, expiring, taken once
 
 The braces are a Redis Cluster hash tag: every key of a user lands in the same slot, and every
 script here takes exactly one key, so the same code runs on a standalone server, behind
 Sentinel, and on a cluster (``client`` is a ``Redis`` or a ``RedisCluster``).
+
+The Quota-user index lives in its own slot, so it is kept with separate commands, never with a
+script spanning two slots: ``put`` (a connect, where the id is new) indexes first, then writes
+the record; ``compare_and_set`` (a refresh or a status note, same id) renews the entry after its
+write; a delete removes it. The reader verifies each candidate's record (``sidecar.tokens.store``). An entry is removed only when it is
+older than ``INDEX_PRUNE_AFTER_S`` and still holds the time the remover saw (a one-key script),
+so an entry a write in flight has just renewed is never lost::
+
+    connect (replica A):  HSET q k t2 ……………………………………………… write record k (q)
+    lookup  (replica B):  HGETALL q → k: t1 (old); get k → other id;  prune if HGET q k == t1
+                          → t2 ≠ t1: kept (had the prune come first, A's HSET re-adds it)
 
 Compare-and-set runs as a Lua script so the read of ``v`` and the write are one step on the
 server. Without it, two replicas refreshing the same user would race::
@@ -41,6 +55,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeAlias
@@ -52,7 +67,14 @@ from redis.exceptions import RedisClusterException, RedisError
 from sidecar.errors import StoreUnavailable
 from sidecar.tokens.crypto import Sealer, SealError
 from sidecar.tokens.model import TokenRecord
-from sidecar.tokens.store import SealState, rotation_fingerprint, seal_state_of
+from sidecar.tokens.store import (
+    INDEX_PRUNE_AFTER_S,
+    SealState,
+    connect_seal_label,
+    fingerprint,
+    rotation_fingerprint,
+    seal_state_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -90,12 +112,59 @@ end
 return 1
 """
 
-# KEYS[1] = tokens key; ARGV[1] = expected version.
+# KEYS[1] = tokens key; ARGV[1] = expected version. Returns the deleted blob (its quota user id
+# is unindexed next), or false when nothing was deleted.
 _COMPARE_AND_DELETE = """
 if redis.call('HGET', KEYS[1], 'v') ~= ARGV[1] then
+  return false
+end
+local blob = redis.call('HGET', KEYS[1], 'b')
+redis.call('DEL', KEYS[1])
+return blob
+"""
+
+# KEYS[1] = tokens key. Returns the deleted blob, or false when there was none.
+_DELETE = """
+local blob = redis.call('HGET', KEYS[1], 'b')
+if redis.call('DEL', KEYS[1]) == 0 then
+  return false
+end
+return blob or ''
+"""
+
+# KEYS[1] = index key; ARGV = user key, unix time now, ttl in ms (0 = none).
+_INDEX_ADD = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local ttl_ms = tonumber(ARGV[3])
+if ttl_ms > 0 then
+  redis.call('PEXPIRE', KEYS[1], ttl_ms)
+end
+return 1
+"""
+
+# KEYS[1] = index key; ARGV = user key, the time the caller saw (or "" for any), cutoff time.
+# Removes the entry only if it is older than the cutoff and unchanged since it was read.
+_INDEX_PRUNE = """
+local seen = redis.call('HGET', KEYS[1], ARGV[1])
+if not seen then
   return 0
 end
-return redis.call('DEL', KEYS[1])
+if ARGV[2] ~= '' and seen ~= ARGV[2] then
+  return 0
+end
+if tonumber(seen) == nil or tonumber(seen) >= tonumber(ARGV[3]) then
+  return 0
+end
+return redis.call('HDEL', KEYS[1], ARGV[1])
+"""
+
+# KEYS[1] = pending connect key. GET and DEL in one step (GETDEL needs Redis 6.2).
+_TAKE = """
+local value = redis.call('GET', KEYS[1])
+if value then
+  redis.call('DEL', KEYS[1])
+end
+return value
 """
 
 # KEYS[1] = tokens key; ARGV = expected version, the same payload sealed under the primary key.
@@ -141,9 +210,11 @@ class RedisTokenStore:
         prefix: str = "quota-sidecar",
         record_ttl_s: int | None = None,
         on_close: Callable[[], Awaitable[None]] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """``on_close`` releases what the client depends on but does not own (Sentinel's own
-        connections to the sentinels); it runs after the client is closed."""
+        connections to the sentinels); it runs after the client is closed. ``clock`` stamps
+        index entries (wall time: replicas compare each other's stamps)."""
         if record_ttl_s is not None and record_ttl_s <= 0:
             raise ValueError("record_ttl_s must be a positive number of seconds, or None")
         self._client = client
@@ -151,6 +222,7 @@ class RedisTokenStore:
         self._prefix = prefix
         self._ttl_ms = 0 if record_ttl_s is None else record_ttl_s * 1000
         self._on_close = on_close
+        self._clock = clock
         # Registering computes the SHA only; the script is loaded on first use (no I/O here).
         # redis-py's AsyncScript works on both clients: EVALSHA routes by the key on a cluster,
         # and on NOSCRIPT it loads the script (on every primary) and retries once.
@@ -158,6 +230,10 @@ class RedisTokenStore:
         self._cas = self._script(_COMPARE_AND_SET)
         self._cad = self._script(_COMPARE_AND_DELETE)
         self._reseal = self._script(_RESEAL)
+        self._delete = self._script(_DELETE)
+        self._index_add = self._script(_INDEX_ADD)
+        self._index_prune = self._script(_INDEX_PRUNE)
+        self._take = self._script(_TAKE)
 
     def _script(self, source: str) -> AsyncScript:
         return self._client.register_script(source)
@@ -180,6 +256,16 @@ class RedisTokenStore:
     def rotated_key(self, user_key: str, refresh_token: str) -> str:
         return f"{self._prefix}:{{{user_key}}}:rotated:{rotation_fingerprint(refresh_token)}"
 
+    def quota_user_key(self, quota_user_id: str) -> str:
+        """The index of one Quota user id (hashed: Redis holds no Quota id in clear)."""
+        return f"{self._prefix}:q:{{{fingerprint(quota_user_id)}}}"
+
+    def event_key(self, event_id: str) -> str:
+        return f"{self._prefix}:evt:{{{fingerprint(event_id)}}}"
+
+    def connect_key(self, state: str) -> str:
+        return f"{self._prefix}:connect:{{{fingerprint(state)}}}"
+
     async def get(self, user_key: str) -> TokenRecord | None:
         try:
             stored = await self._read(user_key, "get")
@@ -194,6 +280,7 @@ class RedisTokenStore:
     async def put(self, user_key: str, record: TokenRecord) -> TokenRecord:
         version = _new_version()
         blob = self._sealer.seal_record(user_key, record)
+        await self._index(user_key, record, "put")
         with _unavailable_on_error("put"):
             await self._put(
                 keys=[self.tokens_key(user_key)], args=[str(version), blob, self._ttl_ms]
@@ -210,19 +297,32 @@ class RedisTokenStore:
                 keys=[self.tokens_key(user_key)],
                 args=[str(expected_version), str(version), blob, self._ttl_ms],
             )
-        return record.with_version(version) if int(written) == 1 else None
+        if int(written) != 1:
+            return None
+        # After the write, not before: a refresh's new pair must be stored in one round trip
+        # after Quota answers. A compare-and-set keeps the Quota user id of the record it
+        # replaces (a refresh, a status note), so this only renews the entry and its expiry.
+        try:
+            await self._index(user_key, record, "compare_and_set")
+        except StoreUnavailable as exc:
+            logger.warning("could not renew a Quota-user index entry: %s", exc.detail)
+        return record.with_version(version)
 
     async def delete(self, user_key: str) -> bool:
         with _unavailable_on_error("delete"):
-            deleted = await self._client.delete(self.tokens_key(user_key))
-        return int(deleted) > 0
+            blob = await self._delete(keys=[self.tokens_key(user_key)])
+        if blob is None:
+            return False
+        await self._unindex(user_key, blob)
+        return True
 
     async def compare_and_delete(self, user_key: str, expected_version: int) -> bool:
         with _unavailable_on_error("compare_and_delete"):
-            deleted = await self._cad(
-                keys=[self.tokens_key(user_key)], args=[str(expected_version)]
-            )
-        return int(deleted) == 1
+            blob = await self._cad(keys=[self.tokens_key(user_key)], args=[str(expected_version)])
+        if blob is None:
+            return False
+        await self._unindex(user_key, blob)
+        return True
 
     async def remember_rotation(self, user_key: str, old_refresh_token: str, ttl_s: float) -> None:
         if ttl_s <= 0:
@@ -287,6 +387,53 @@ class RedisTokenStore:
             )
         return int(written) == 1
 
+    async def user_keys_for_quota_user(self, quota_user_id: str) -> list[str]:
+        index = self.quota_user_key(quota_user_id)
+        with _unavailable_on_error("user_keys_for_quota_user"):
+            entries = await self._client.hgetall(index)
+        found = []
+        cutoff = self._clock() - INDEX_PRUNE_AFTER_S
+        for raw_key, raw_seen in entries.items():
+            user_key = _text(raw_key)
+            record = await self.get(user_key)
+            if record is not None and record.quota_user_id == quota_user_id:
+                found.append(user_key)
+                continue
+            with _unavailable_on_error("user_keys_for_quota_user"):
+                await self._index_prune(keys=[index], args=[user_key, _text(raw_seen), cutoff])
+        return sorted(found)
+
+    async def claim_event(self, event_id: str, ttl_s: float) -> bool:
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be a positive number of seconds")
+        with _unavailable_on_error("claim_event"):
+            claimed = await self._client.set(
+                self.event_key(event_id), b"1", nx=True, px=max(1, round(ttl_s * 1000))
+            )
+        return bool(claimed)
+
+    async def release_event(self, event_id: str) -> None:
+        with _unavailable_on_error("release_event"):
+            await self._client.delete(self.event_key(event_id))
+
+    async def remember_connect(self, state: str, payload: bytes, ttl_s: float) -> None:
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be a positive number of seconds")
+        blob = self._sealer.seal(connect_seal_label(state), payload)
+        with _unavailable_on_error("remember_connect"):
+            await self._client.set(self.connect_key(state), blob, px=max(1, round(ttl_s * 1000)))
+
+    async def take_connect(self, state: str) -> bytes | None:
+        with _unavailable_on_error("take_connect"):
+            blob = await self._take(keys=[self.connect_key(state)])
+        if not isinstance(blob, bytes):
+            return None
+        try:
+            return self._sealer.open(connect_seal_label(state), blob)
+        except SealError as exc:
+            logger.warning("a pending connect does not open, treating it as absent: %s", exc)
+            return None
+
     async def ping(self) -> None:
         with _unavailable_on_error("ping"):
             await self._client.ping()
@@ -299,6 +446,32 @@ class RedisTokenStore:
                 if self._on_close is not None:
                     await self._on_close()
 
+    async def _index(self, user_key: str, record: TokenRecord, operation: str) -> None:
+        """Index ``record``'s Quota user id before the record is written (see the docstring)."""
+        if record.quota_user_id is None:
+            return
+        with _unavailable_on_error(operation):
+            await self._index_add(
+                keys=[self.quota_user_key(record.quota_user_id)],
+                args=[user_key, repr(self._clock()), self._ttl_ms],
+            )
+
+    async def _unindex(self, user_key: str, blob: bytes | str) -> None:
+        """After a delete: drop the deleted record's index entry unless a write just renewed it."""
+        if not isinstance(blob, bytes) or not blob:
+            return
+        try:
+            record = self._sealer.open_record(user_key, blob, version=1)
+        except SealError:
+            return  # unreadable: a lookup prunes its entry, if it has one, in time
+        if record.quota_user_id is None:
+            return
+        cutoff = self._clock() - INDEX_PRUNE_AFTER_S
+        with _unavailable_on_error("unindex"):
+            await self._index_prune(
+                keys=[self.quota_user_key(record.quota_user_id)], args=[user_key, "", cutoff]
+            )
+
     async def _read(self, user_key: str, operation: str) -> tuple[int, bytes] | None:
         """The stored version and blob, ``None`` if absent; ``SealError`` if malformed."""
         with _unavailable_on_error(operation):
@@ -308,6 +481,10 @@ class RedisTokenStore:
         if not isinstance(blob, bytes):
             raise SealError("stored blob is text; the client must not decode responses")
         return _parse_version(raw_version), blob
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def _is_hash_tag(text: str) -> bool:

@@ -21,6 +21,21 @@ Besides the records, a store keeps two small things for the refresh logic and fo
   Only a SHA-256 fingerprint of the token is kept (``rotation_fingerprint``), never the token.
 * Re-sealing (``scan_user_keys``, ``seal_state``, ``reseal``) for key rotation, see
   ``sidecar.tokens.rotate``.
+* An index from Quota's user id (the ``sub`` a record carries) to the user keys whose records
+  carry it (``user_keys_for_quota_user``), for Quota's ``user.disconnected`` webhook. A ``put``
+  indexes before it writes; the reader opens every candidate and returns only the records
+  that really carry the id, so an entry left behind (a write that failed after indexing, a
+  record that expired, a reconnect with another Quota account) is harmless. A stale entry is
+  pruned only once it is older than ``INDEX_PRUNE_AFTER_S``, never one a write in flight may
+  have just made::
+
+      writer: index(q, k) ……………………………… write record k (q)
+      reader:            lookup(q) → k; get k → old record (not q): skip it, keep the entry
+
+* Webhook event ids claimed once (``claim_event``): ``SET NX`` with an expiry, so a replayed
+  event is refused on every replica.
+* Connects started by the host app's backend (``remember_connect`` / ``take_connect``): the
+  pending state the browser has no cookie for, sealed, expiring, and taken once.
 """
 
 from __future__ import annotations
@@ -34,12 +49,23 @@ from sidecar.tokens.crypto import Sealer, SealError
 from sidecar.tokens.model import TokenRecord
 
 ROTATION_FINGERPRINT_CHARS = 32  # 128 bits of SHA-256: unique per token, reveals nothing
+# An index entry younger than this may belong to a write still in flight: never pruned.
+INDEX_PRUNE_AFTER_S = 60.0
 
 
 def rotation_fingerprint(refresh_token: str) -> str:
     """What a store keeps of a spent refresh token: hex SHA-256, cut to 128 bits."""
-    digest = hashlib.sha256(refresh_token.encode("utf-8")).hexdigest()
-    return digest[:ROTATION_FINGERPRINT_CHARS]
+    return fingerprint(refresh_token)
+
+
+def fingerprint(value: str) -> str:
+    """Hex SHA-256 of ``value``, cut to 128 bits: how ids and states appear in key names."""
+    return hashlib.sha256(value.encode("utf-8")).hexdigest()[:ROTATION_FINGERPRINT_CHARS]
+
+
+def connect_seal_label(state: str) -> str:
+    """What a pending connect is sealed to (in place of a user key): its own state."""
+    return f"connect-state:{fingerprint(state)}"
 
 
 class SealState(enum.Enum):
@@ -132,6 +158,26 @@ class TokenStore(Protocol):
         True if rewritten; False if already under the primary key, absent, changed meanwhile,
         or unreadable (left as is, and logged).
         """
+        ...
+
+    async def user_keys_for_quota_user(self, quota_user_id: str) -> list[str]:
+        """The user keys whose stored record carries ``quota_user_id``, verified, sorted."""
+        ...
+
+    async def claim_event(self, event_id: str, ttl_s: float) -> bool:
+        """True the first time ``event_id`` is claimed within ``ttl_s`` seconds, else False."""
+        ...
+
+    async def release_event(self, event_id: str) -> None:
+        """Forget a claim, so a delivery that failed after claiming can be retried."""
+        ...
+
+    async def remember_connect(self, state: str, payload: bytes, ttl_s: float) -> None:
+        """Keep ``payload`` (sealed) under ``state`` for ``ttl_s`` seconds."""
+        ...
+
+    async def take_connect(self, state: str) -> bytes | None:
+        """The payload kept under ``state``, removed in the same step; None if absent/expired."""
         ...
 
     async def ping(self) -> None:

@@ -34,8 +34,8 @@ async def test_metrics_follow_a_connect_a_refresh_and_a_stream(stack: Stack) -> 
     assert (await stack.chat("alice")).status == 200
     refreshed = await scrape(stack.admin_url)
     assert refreshed.value("quota_sidecar_refreshes_total", outcome="ok") == 1
-    # The code exchange and the refresh; then the forwarded call.
-    assert refreshed.value("quota_sidecar_quota_request_duration_seconds_count", call="oauth") == 2
+    # The code exchange, the userinfo read (who the user is at Quota) and the refresh.
+    assert refreshed.value("quota_sidecar_quota_request_duration_seconds_count", call="oauth") == 3
     assert refreshed.value("quota_sidecar_quota_request_duration_seconds_count", call="v1") == 1
 
     stack.quota.settings.chunk_delay_s = 0.05

@@ -220,7 +220,13 @@ async def test_status_when_signed_out_is_401_and_when_signed_in_is_not_connected
     assert resp.status == 401
     stack.browser.sign_in(stack.public_url, "alice")
     resp = await stack.browser.get(f"{stack.public_url}/auth/quota/status")
-    assert await resp.json() == {"connected": False, "scopes": [], "expires_at": None}
+    assert await resp.json() == {
+        "connected": False,
+        "scopes": [],
+        "expires_at": None,
+        "state": "not_connected",
+        "needs_reconnect": False,
+    }
     assert resp.headers["Cache-Control"] == "no-store"
 
 

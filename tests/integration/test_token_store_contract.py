@@ -24,7 +24,7 @@ from sidecar.tokens.factory import create_store
 from sidecar.tokens.memory import MemoryTokenStore
 from sidecar.tokens.model import TokenRecord
 from sidecar.tokens.redis_store import RedisClient, RedisTokenStore
-from sidecar.tokens.store import SealState, TokenStore
+from sidecar.tokens.store import INDEX_PRUNE_AFTER_S, SealState, TokenStore
 from tests.support import TcpProxy, through
 
 MakeSealer = Callable[..., Sealer]
@@ -59,6 +59,9 @@ class Backend:
     raw_rotation_marks: Callable[[str], Awaitable[bytes]]  # every rotation mark of a user_key
     # A second store over the same records, sealing and opening with another key ring.
     with_ring: Callable[[Sealer], Awaitable[TokenStore]]
+    raw_index: Callable[[str], Awaitable[set[str]]]  # user keys indexed under a quota user id
+    # (quota user id, user key, age in seconds): an entry as a failed or outdated write leaves
+    plant_index: Callable[[str, str, float], Awaitable[None]]
     opened: list[TokenStore] = field(default_factory=list)
 
 
@@ -97,7 +100,22 @@ async def memory_backend(sealer: Sealer) -> Backend:
         built.opened.append(moved)
         return moved
 
-    built = Backend(store, copy_sealed, raw_bytes, raw_blob, raw_rotation_marks, with_ring)
+    async def raw_index(quota_user_id: str) -> set[str]:
+        return set(store.index_entries(quota_user_id))
+
+    async def plant_index(quota_user_id: str, user_key: str, age_s: float) -> None:
+        store.plant_index_entry(quota_user_id, user_key, age_s)
+
+    built = Backend(
+        store,
+        copy_sealed,
+        raw_bytes,
+        raw_blob,
+        raw_rotation_marks,
+        with_ring,
+        raw_index,
+        plant_index,
+    )
     return built
 
 
@@ -140,7 +158,23 @@ async def redis_backend(
         built.opened.append(reopened)
         return reopened
 
-    built = Backend(store, copy_sealed, raw_bytes, raw_blob, raw_rotation_marks, with_ring)
+    async def raw_index(quota_user_id: str) -> set[str]:
+        fields = await client.hgetall(store.quota_user_key(quota_user_id))
+        return {key.decode() for key in fields}
+
+    async def plant_index(quota_user_id: str, user_key: str, age_s: float) -> None:
+        await client.hset(store.quota_user_key(quota_user_id), user_key, repr(time.time() - age_s))
+
+    built = Backend(
+        store,
+        copy_sealed,
+        raw_bytes,
+        raw_blob,
+        raw_rotation_marks,
+        with_ring,
+        raw_index,
+        plant_index,
+    )
     return built
 
 
@@ -380,6 +414,137 @@ async def test_a_rotation_mark_leaves_the_record_alone(backend: Backend) -> None
     assert [key async for key in store.scan_user_keys()] == [user]
 
 
+# --- the Quota-user index, for Quota's user.disconnected webhook ---------------------------------
+
+OLD_S = INDEX_PRUNE_AFTER_S + 60  # an index entry this old belongs to no write in flight
+
+
+async def test_a_record_is_found_by_the_quota_user_id_it_carries(backend: Backend) -> None:
+    store, user = backend.store, new_user_key()
+    await store.put(user, make_record(quota_user_id="usr_a"))
+    assert await store.user_keys_for_quota_user("usr_a") == [user]
+    assert await store.user_keys_for_quota_user("usr_b") == []
+
+
+async def test_every_user_key_of_one_quota_user_is_found_and_no_other(backend: Backend) -> None:
+    store = backend.store
+    first, second, other, unknown = (new_user_key() for _ in range(4))
+    await store.put(first, make_record(quota_user_id="usr_shared"))
+    await store.put(second, make_record(quota_user_id="usr_shared"))
+    await store.put(other, make_record(quota_user_id="usr_other"))
+    await store.put(unknown, make_record())  # Quota did not say who: never indexed
+    assert await store.user_keys_for_quota_user("usr_shared") == sorted([first, second])
+    assert await store.user_keys_for_quota_user("usr_other") == [other]
+
+
+async def test_a_refresh_keeps_the_user_in_the_index(backend: Backend) -> None:
+    store, user = backend.store, new_user_key()
+    written = await store.put(user, make_record(quota_user_id="usr_a"))
+    again = await store.compare_and_set(user, written.version, make_record(quota_user_id="usr_a"))
+    assert again is not None
+    assert await store.user_keys_for_quota_user("usr_a") == [user]
+
+
+@pytest.mark.parametrize("how", ["delete", "compare_and_delete"])
+async def test_a_deleted_record_is_no_longer_found_by_its_quota_user_id(
+    backend: Backend, how: str
+) -> None:
+    store, user, kept = backend.store, new_user_key(), new_user_key()
+    written = await store.put(user, make_record(quota_user_id="usr_a"))
+    await store.put(kept, make_record(quota_user_id="usr_a"))
+    if how == "delete":
+        assert await store.delete(user) is True
+    else:
+        assert await store.compare_and_delete(user, written.version) is True
+    assert await store.user_keys_for_quota_user("usr_a") == [kept]
+
+
+async def test_a_reconnect_with_another_quota_account_moves_the_user_in_the_index(
+    backend: Backend,
+) -> None:
+    store, user = backend.store, new_user_key()
+    await store.put(user, make_record(quota_user_id="usr_old"))
+    await store.put(user, make_record(quota_user_id="usr_new"))
+    assert await store.user_keys_for_quota_user("usr_old") == []
+    assert await store.user_keys_for_quota_user("usr_new") == [user]
+
+
+async def test_an_old_stale_index_entry_is_skipped_and_pruned(backend: Backend) -> None:
+    store, moved, gone = backend.store, new_user_key(), new_user_key()
+    await store.put(moved, make_record(quota_user_id="usr_b"))
+    await backend.plant_index("usr_a", moved, OLD_S)  # its record now carries another id
+    await backend.plant_index("usr_a", gone, OLD_S)  # no record at all
+    assert await store.user_keys_for_quota_user("usr_a") == []
+    assert await backend.raw_index("usr_a") == set()
+    assert await store.user_keys_for_quota_user("usr_b") == [moved]
+
+
+async def test_a_young_stale_index_entry_is_skipped_but_kept_for_a_write_in_flight(
+    backend: Backend,
+) -> None:
+    store, user = backend.store, new_user_key()
+    await backend.plant_index("usr_a", user, 0.0)  # indexed; the record is being written
+    assert await store.user_keys_for_quota_user("usr_a") == []
+    assert await backend.raw_index("usr_a") == {user}
+    await store.put(user, make_record(quota_user_id="usr_a"))  # the write lands
+    assert await store.user_keys_for_quota_user("usr_a") == [user]
+
+
+async def test_an_index_entry_whose_record_does_not_open_is_skipped(backend: Backend) -> None:
+    store, victim, attacker = backend.store, new_user_key(), new_user_key()
+    await store.put(victim, make_record(quota_user_id="usr_a"))
+    await backend.copy_sealed(victim, attacker)
+    await backend.plant_index("usr_a", attacker, OLD_S)
+    assert await store.user_keys_for_quota_user("usr_a") == [victim]
+
+
+# --- webhook event ids, claimed once ------------------------------------------------------------
+
+
+async def test_an_event_id_is_claimed_once(backend: Backend) -> None:
+    store = backend.store
+    assert await store.claim_event("evt_one", ttl_s=60) is True
+    assert await store.claim_event("evt_one", ttl_s=60) is False
+    assert await store.claim_event("evt_two", ttl_s=60) is True
+
+
+async def test_a_released_event_id_can_be_claimed_again(backend: Backend) -> None:
+    store = backend.store
+    assert await store.claim_event("evt_one", ttl_s=60) is True
+    await store.release_event("evt_one")
+    assert await store.claim_event("evt_one", ttl_s=60) is True
+
+
+async def test_an_event_claim_lapses_after_its_ttl(backend: Backend) -> None:
+    store = backend.store
+    started = time.monotonic()
+    assert await store.claim_event("evt_one", ttl_s=GRACE_TTL_S) is True
+    while not await store.claim_event("evt_one", ttl_s=GRACE_TTL_S):
+        assert time.monotonic() - started < GRACE_WAIT_S, f"still claimed {GRACE_WAIT_S} s later"
+        await asyncio.sleep(0.05)
+    assert time.monotonic() - started >= GRACE_TTL_S, "not before its ttl"
+
+
+# --- connects started by the backend, kept server-side ------------------------------------------
+
+
+async def test_a_pending_connect_is_taken_once(backend: Backend) -> None:
+    store = backend.store
+    await store.remember_connect("state-one", b'{"user_key": "k"}', ttl_s=60)
+    assert await store.take_connect("state-two") is None
+    assert await store.take_connect("state-one") == b'{"user_key": "k"}'
+    assert await store.take_connect("state-one") is None
+
+
+async def test_a_pending_connect_lapses_after_its_ttl(backend: Backend) -> None:
+    store = backend.store
+    started = time.monotonic()
+    await store.remember_connect("state-one", b"payload", ttl_s=GRACE_TTL_S)
+    await asyncio.sleep(GRACE_TTL_S + 0.05)  # both backends check expiry on every read
+    assert time.monotonic() - started > GRACE_TTL_S
+    assert await store.take_connect("state-one") is None
+
+
 # --- listing and re-sealing, for key rotation ---------------------------------------------------
 
 
@@ -493,6 +658,11 @@ OPERATIONS: dict[str, Callable[[TokenStore, str], Awaitable[object]]] = {
     "compare_and_set": lambda store, user: store.compare_and_set(user, 1, make_record()),
     "delete": lambda store, user: store.delete(user),
     "compare_and_delete": lambda store, user: store.compare_and_delete(user, 1),
+    "put_indexed": lambda store, user: store.put(user, make_record(quota_user_id="usr_a")),
+    "user_keys_for_quota_user": lambda store, user: store.user_keys_for_quota_user("usr_a"),
+    "claim_event": lambda store, user: store.claim_event("evt_one", 60),
+    "remember_connect": lambda store, user: store.remember_connect("state", b"payload", 60),
+    "take_connect": lambda store, user: store.take_connect("state"),
     "ping": lambda store, user: store.ping(),
 }
 
@@ -545,6 +715,41 @@ async def test_redis_store_with_a_record_ttl_sets_it_on_every_write(
         await redis_client.persist(key)
         assert await store.compare_and_set(user, written.version, make_record()) is not None
         assert 0 < await redis_client.pttl(key) <= 60_000
+    finally:
+        await store.close()
+
+
+async def test_redis_keeps_no_quota_user_id_or_pending_connect_in_clear(
+    redis_url: str, redis_prefix: str, redis_client: aioredis.Redis, make_sealer: MakeSealer
+) -> None:
+    store = create_store(redis_url, make_sealer(), prefix=redis_prefix)
+    assert isinstance(store, RedisTokenStore)
+    try:
+        await store.put(new_user_key(), make_record(quota_user_id="usr_findme"))
+        await store.remember_connect("state-secret", b'{"verifier": "pkce-verifier"}', ttl_s=60)
+        await store.claim_event("evt_findme", ttl_s=60)
+        keys = [key async for key in redis_client.scan_iter(match=f"{redis_prefix}:*")]
+        values = [await redis_client.dump(key) or b"" for key in keys]
+        for text in (b"usr_findme", b"state-secret", b"pkce-verifier", b"evt_findme"):
+            assert all(text not in item for item in [*keys, *values])
+    finally:
+        await store.close()
+
+
+async def test_redis_store_with_a_record_ttl_lets_the_index_expire_with_the_records(
+    redis_url: str, redis_prefix: str, redis_client: aioredis.Redis, make_sealer: MakeSealer
+) -> None:
+    client = aioredis.Redis.from_url(redis_url, decode_responses=False)
+    store = RedisTokenStore(client, make_sealer(), prefix=redis_prefix, record_ttl_s=60)
+    user = new_user_key()
+    index = store.quota_user_key("usr_a")
+    try:
+        written = await store.put(user, make_record(quota_user_id="usr_a"))
+        assert 0 < await redis_client.pttl(index) <= 60_000
+        await redis_client.persist(index)
+        record = make_record(quota_user_id="usr_a")
+        assert await store.compare_and_set(user, written.version, record) is not None
+        assert 0 < await redis_client.pttl(index) <= 60_000
     finally:
         await store.close()
 

@@ -31,7 +31,18 @@
     invalid_name: "Enter a name between 1 and 64 characters to sign in.",
     forbidden_origin: "That request came from another site and was blocked.",
     network_error: "Could not reach the app. Check your connection and try again.",
+    invalid_package: "That top-up package is not available. Pick another one.",
+    topup_unavailable: "Quota cannot start a top-up right now. Try again in a moment.",
   };
+
+  // Where Quota's checkout sends the browser back (?quota_topup=…), in words.
+  const TOPUP_NOTICES = {
+    success: "Payment received — the credits are in your Quota wallet.",
+    cancelled: "Top-up cancelled. Nothing was charged.",
+  };
+
+  // 1,000,000 credits = $1.00. Below this the page offers a top-up.
+  const LOW_BALANCE = 1000000;
 
   function explain(code, fallback) {
     if (code && MESSAGES[code]) return MESSAGES[code];
@@ -84,13 +95,25 @@
     return `$${text.endsWith(".") ? text + "00" : text}`;
   }
 
-  function showQueryErrors() {
+  function showNotice(text) {
+    const banner = $("notice");
+    if (!banner) return;
+    banner.textContent = text;
+    banner.hidden = false;
+  }
+
+  // Errors and notices the sidecar puts in the address (?quota_error=, ?quota_topup=): shown
+  // once, then tidied out of the address bar so a reload does not show them again.
+  function showQueryMessages() {
     const params = new URLSearchParams(window.location.search);
     const code = params.get("quota_error") || params.get("signin_error");
-    if (!code) return;
-    showError(code);
-    params.delete("quota_error");
-    params.delete("signin_error");
+    const topup = params.get("quota_topup");
+    if (!code && !topup) return;
+    if (code) showError(code);
+    if (topup && TOPUP_NOTICES[topup]) showNotice(TOPUP_NOTICES[topup]);
+    for (const name of ["quota_error", "signin_error", "quota_topup", "checkout_session"]) {
+      params.delete(name);
+    }
     const query = params.toString();
     const clean = window.location.pathname + (query ? `?${query}` : "") + window.location.hash;
     window.history.replaceState(null, "", clean);
@@ -104,7 +127,10 @@
     status.classList.toggle("connected", connected === true);
     $("connect").hidden = connected !== false;
     $("disconnect").hidden = connected !== true;
-    if (connected !== true) $("balance").hidden = true;
+    if (connected !== true) {
+      $("balance").hidden = true;
+      $("topup").hidden = true;
+    }
   }
 
   async function refreshStatus() {
@@ -149,6 +175,101 @@
     pill.textContent = dollars(body.balance);
     pill.classList.toggle("low", typeof body.balance === "number" && body.balance <= 0);
     pill.hidden = false;
+    if (typeof body.balance === "number" && body.balance < LOW_BALANCE) {
+      await showTopup(
+        body.balance <= 0
+          ? "Your wallet is empty. Add credits to keep chatting:"
+          : "Your wallet is running low. Add credits to keep chatting:",
+      );
+    } else if (typeof body.balance === "number") {
+      $("topup").hidden = true;
+    }
+  }
+
+  // --- top-up -----------------------------------------------------------------------------
+
+  function price(pkg) {
+    if (typeof pkg.price_cents !== "number") return "";
+    const amount = (pkg.price_cents / 100).toFixed(2);
+    return pkg.currency === "usd" || !pkg.currency ? `$${amount}` : `${amount} ${pkg.currency.toUpperCase()}`;
+  }
+
+  // The packages come from Quota through the sidecar; each is a plain link: the sidecar sends
+  // the browser on to Quota's checkout, and Quota sends it back here with ?quota_topup=….
+  let packagesShown = false;
+
+  async function showTopup(reason) {
+    $("topup-reason").textContent = reason;
+    $("topup").hidden = false;
+    if (packagesShown) return;
+    const list = $("packages");
+    let response;
+    try {
+      response = await fetch("/auth/quota/packages", { credentials: "same-origin" });
+    } catch (_) {
+      list.textContent = explain("network_error");
+      return;
+    }
+    if (!response.ok) {
+      const { code, message } = await readError(response);
+      list.textContent = explain(code, message);
+      return;
+    }
+    const body = await response.json();
+    list.textContent = "";
+    for (const pkg of Array.isArray(body.data) ? body.data : []) {
+      if (!pkg || typeof pkg.id !== "string") continue;
+      const link = document.createElement("a");
+      link.className = "btn ghost";
+      link.dataset.package = pkg.id;
+      link.href = "/auth/quota/topup?" + new URLSearchParams({ package: pkg.id, return_to: "/" });
+      link.textContent = `${pkg.name || pkg.id}: ${dollars(pkg.credits)} of credits for ${price(pkg)}`;
+      list.appendChild(link);
+    }
+    packagesShown = true;
+  }
+
+  // --- events -------------------------------------------------------------------------------
+
+  function describeEvent(event) {
+    const data = event.data || {};
+    if (typeof data.credits_used === "number") return `${data.credits_used.toLocaleString("en-US")} credits used`;
+    if (typeof data.balance === "number") return `balance ${dollars(data.balance)}`;
+    return "";
+  }
+
+  let eventsOn = true;
+
+  async function refreshEvents() {
+    if (!eventsOn) return;
+    let response;
+    try {
+      response = await fetch("/api/events", { credentials: "same-origin" });
+    } catch (_) {
+      return;
+    }
+    if (!response.ok) {
+      eventsOn = response.status !== 404; // the demo runs without events: stop asking
+      return;
+    }
+    const { events } = await response.json();
+    const list = $("events");
+    list.textContent = "";
+    for (const event of events) {
+      const item = document.createElement("li");
+      const type = document.createElement("code");
+      type.textContent = event.type;
+      const when = new Date(event.created_at * 1000).toLocaleTimeString();
+      const what = describeEvent(event);
+      item.append(type, ` ${what ? what + " · " : ""}${when}`);
+      list.appendChild(item);
+    }
+    if (!events.length) {
+      const item = document.createElement("li");
+      item.textContent = "No events yet.";
+      list.appendChild(item);
+    }
+    $("events-card").hidden = false;
   }
 
   async function disconnect() {
@@ -239,6 +360,7 @@
       output.classList.remove("streaming");
       send.disabled = false;
       await refreshBalance();
+      await refreshEvents();
     }
   }
 
@@ -259,6 +381,9 @@
       const { code, message: fallback } = await readError(response);
       showError(code, fallback);
       if (code === "wallet_not_connected" || code === "invalid_token") setConnected(false);
+      if (code === "insufficient_credits") {
+        await showTopup("Your wallet is empty. Add credits to keep chatting:");
+      }
       return;
     }
     output.classList.add("streaming");
@@ -298,7 +423,7 @@
 
   // --- start ------------------------------------------------------------------------------
 
-  showQueryErrors();
+  showQueryMessages();
   if (!document.querySelector("[data-signed-in]")) return;
   $("disconnect").addEventListener("click", disconnect);
   $("chat-form").addEventListener("submit", sendChat);
@@ -308,4 +433,8 @@
     }
   });
   refreshStatus();
+  refreshEvents();
+  window.setInterval(() => {
+    if (!document.hidden) refreshEvents();
+  }, 5000);
 })();
