@@ -107,6 +107,9 @@ class LimitsConfig:
     # A request head (request line and headers) must be complete this long after the connection
     # opened, or after its first byte on a kept-alive one; real clients send it in one go.
     header_timeout_s: float = 10.0
+    # Longest silence between two reads of a request body from the client (nginx's
+    # client_body_timeout default): a slow sender cannot hold a connection to the app or Quota.
+    body_idle_timeout_s: float = 60.0
     # Outgoing connections kept per target (Quota, the app); 0 means no cap.
     # (every open stream holds one; a full pool answers 502 after connect_timeout_s).
     pool_size: int = 4096

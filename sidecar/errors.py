@@ -17,6 +17,7 @@
     │   ├── NotFound                  404 not_found
     │   ├── WebhooksNotConfigured     404 webhooks_not_configured
     │   ├── MethodNotAllowed          405 method_not_allowed
+    │   ├── RequestBodyTimeout        408 request_body_timeout
     │   ├── RequestHeaderTimeout      408 request_header_timeout
     │   ├── PublicUrlUnknown          409 public_url_unknown
     │   ├── WebhookReplayed           409 webhook_replayed
@@ -185,6 +186,17 @@ class MethodNotAllowed(ClientFault):
     status = 405
     code = "method_not_allowed"
     default_message = "This path does not accept that HTTP method."
+
+
+class RequestBodyTimeout(ClientFault):
+    """A request body that stopped arriving: nothing came for ``limits.body_idle_timeout_s``."""
+
+    status = 408
+    code = "request_body_timeout"
+    default_message = (
+        "The request body stopped arriving for longer than limits.body_idle_timeout_s; the "
+        "request was not completed. Send the body without long pauses."
+    )
 
 
 class RequestHeaderTimeout(ClientFault):

@@ -89,8 +89,9 @@ async def forward(request: web.Request) -> web.StreamResponse:
             connect_timeout_s=cfg.connect_timeout_s,
             unavailable=QuotaUnavailable,
         )
+    limits = services.config.limits
     body, replayable = await replayable_body(
-        request, cfg.replay_max_bytes, services.config.limits.max_v1_body_bytes
+        request, cfg.replay_max_bytes, limits.max_v1_body_bytes, limits.body_idle_timeout_s
     )
     timeout = stream_timeout(
         cfg.connect_timeout_s, cfg.stream_idle_timeout_s, cfg.first_byte_timeout_s

@@ -15,6 +15,7 @@ Timeouts fit streams (``StreamTimeouts``); there is never a total::
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -25,7 +26,12 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from sidecar.errors import PayloadTooLarge, QuotaUnavailable, UpstreamUnavailable
+from sidecar.errors import (
+    PayloadTooLarge,
+    QuotaUnavailable,
+    RequestBodyTimeout,
+    UpstreamUnavailable,
+)
 from sidecar.forwarding.headers import filter_headers
 
 log = logging.getLogger(__name__)
@@ -38,45 +44,64 @@ Body = Union[aiohttp.StreamReader, bytes, AsyncIterator[bytes], "CountedBody", N
 
 
 class CountedBody:
-    """A request body streamed on while counting, cut off past ``limit`` bytes.
+    """A request body streamed on while counting and timing it.
 
-    aiohttp's ``client_max_size`` is enforced only by ``read()``/``post()``; a body streamed to
-    another server is not checked, so the sidecar counts it here. A declared ``Content-Length``
-    over the limit is refused before anything is sent.
+    Cut off past ``limit`` bytes (0: no limit): aiohttp's ``client_max_size`` is enforced only by
+    ``read()``/``post()``, and a body streamed to another server is not checked, so the sidecar
+    counts it here (a declared ``Content-Length`` over the limit is refused before anything is
+    sent). Cut off too when the client sends nothing for ``idle_s`` (0: no bound), so a slow
+    sender cannot hold a connection to the app or Quota. ``failure`` keeps the reason, since
+    aiohttp may wrap what the body raised in its own client error.
     """
 
-    def __init__(self, chunks: AsyncIterator[bytes], limit: int) -> None:
+    def __init__(self, chunks: AsyncIterator[bytes], limit: int, idle_s: float = 0.0) -> None:
         self._chunks = chunks
         self._limit = limit
-        self.exceeded = False
+        self._idle_s = idle_s
+        self.failure: PayloadTooLarge | RequestBodyTimeout | None = None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         size = 0
-        async for chunk in self._chunks:
+        chunks = aiter(self._chunks)
+        while True:
+            try:
+                if self._idle_s:
+                    async with asyncio.timeout(self._idle_s):
+                        chunk = await anext(chunks)
+                else:
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                self.failure = RequestBodyTimeout(detail=f"after {size} bytes")
+                raise self.failure from None
             size += len(chunk)
-            if size > self._limit:
-                self.exceeded = True
-                raise PayloadTooLarge
+            if self._limit and size > self._limit:
+                self.failure = PayloadTooLarge()
+                raise self.failure
             yield chunk
 
 
-def request_body(request: web.Request, limit: int = 0) -> Body:
-    """The body to send on: streamed as it arrives, counted when ``limit`` is set."""
+def request_body(request: web.Request, limit: int = 0, idle_s: float = 0.0) -> Body:
+    """The body to send on: streamed as it arrives, counted and timed when asked to."""
     if not request.body_exists:
         return None
-    if not limit:
+    if not limit and not idle_s:
         return request.content
-    if request.content_length is not None and request.content_length > limit:
+    if limit and request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(detail=f"declared {request.content_length} bytes")
-    return CountedBody(request.content.iter_any(), limit)
+    return CountedBody(request.content.iter_any(), limit, idle_s)
 
 
-async def replayable_body(request: web.Request, limit: int, max_bytes: int) -> tuple[Body, bool]:
+async def replayable_body(
+    request: web.Request, limit: int, max_bytes: int, idle_s: float = 0.0
+) -> tuple[Body, bool]:
     """Read up to ``limit`` bytes of the body into memory so it can be sent twice.
 
     Returns the body and whether it is replayable. A larger body is not held: what was read is
     sent first and the rest streams on from the client (so memory stays bounded). ``max_bytes``
-    (0: none) caps the whole body, counted as it streams.
+    (0: none) caps the whole body, counted as it streams; ``idle_s`` (0: none) bounds each wait
+    for the client's next bytes.
     """
     if not request.body_exists:
         return None, True
@@ -85,7 +110,11 @@ async def replayable_body(request: web.Request, limit: int, max_bytes: int) -> t
     chunks: list[bytes] = []
     size = 0
     while True:
-        chunk = await request.content.readany()
+        try:
+            async with asyncio.timeout(idle_s or None):
+                chunk = await request.content.readany()
+        except TimeoutError:
+            raise RequestBodyTimeout(detail=f"after {size} bytes") from None
         if not chunk:
             return b"".join(chunks), True
         chunks.append(chunk)
@@ -94,8 +123,8 @@ async def replayable_body(request: web.Request, limit: int, max_bytes: int) -> t
             raise PayloadTooLarge
         if size > limit:
             rest = _then_rest(chunks, request.content)
-            if max_bytes:
-                return CountedBody(rest, max_bytes), False
+            if max_bytes or idle_s:
+                return CountedBody(rest, max_bytes, idle_s), False
             return rest, False
 
 
@@ -177,11 +206,11 @@ async def send(
             timeout=timeout.client_timeout(),
             skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
         )
-    except PayloadTooLarge:
+    except (PayloadTooLarge, RequestBodyTimeout):
         raise
     except (aiohttp.ClientError, TimeoutError) as exc:
-        if isinstance(data, CountedBody) and data.exceeded:
-            raise PayloadTooLarge from None
+        if isinstance(data, CountedBody) and data.failure is not None:
+            raise data.failure from None
         if isinstance(exc, aiohttp.SocketTimeoutError):  # sock_read before the headers
             waited = f"no answer {timeout.first_byte_s:g} s after the request was sent"
             raise unavailable(f"{request.method} {url.host}: {waited}").timed_out() from None

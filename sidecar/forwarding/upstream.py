@@ -61,7 +61,11 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         services.upstream_http,
         url,
         upstream_headers(request, services),
-        data=request_body(request, services.config.limits.max_body_bytes),
+        data=request_body(
+            request,
+            services.config.limits.max_body_bytes,
+            services.config.limits.body_idle_timeout_s,
+        ),
         timeout=timeout,
         unavailable=lambda detail: UpstreamUnavailable(detail=detail),
     )

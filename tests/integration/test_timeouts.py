@@ -29,6 +29,7 @@ FIRST_BYTE_S = 0.5
 PAUSE_S = 1.0  # longer than the first-byte timeout, shorter than the idle one
 IDLE_S = 2.5
 HEADER_S = 0.5
+BODY_IDLE_S = 1.5  # longer than PAUSE_S and 2 * HEADER_S: the slow uploads above it still pass
 WAIT_S = 10.0  # the bound on every wait in this file
 CHUNKS = [b"one\n", b"two\n", b"three\n"]
 
@@ -111,7 +112,7 @@ def config_overrides(standin: Standin) -> dict[str, dict[str, Any]]:
             "first_byte_timeout_s": FIRST_BYTE_S,
             "idle_timeout_s": IDLE_S,
         },
-        "limits": {"header_timeout_s": HEADER_S},
+        "limits": {"header_timeout_s": HEADER_S, "body_idle_timeout_s": BODY_IDLE_S},
     }
 
 
@@ -293,3 +294,25 @@ async def test_a_slow_body_is_not_cut_by_the_header_timeout(stack: Stack, standi
         writer.close()
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
     assert standin.uploads == [b"abc"]
+
+
+@pytest.mark.parametrize("size", [10, 2 * 1024 * 1024])  # kept for a replay, or streamed on
+async def test_a_body_that_stops_arriving_is_a_408_and_the_call_is_cut(
+    target: Target, standin: Standin, size: int
+) -> None:
+    """A client that sends part of its body and then nothing cannot hold a connection to the
+    app or Quota: after limits.body_idle_timeout_s the sidecar answers 408 and lets go."""
+    url = target.stack.internal_url if target.name == "quota" else target.stack.public_url
+    path = "/v1/upload" if target.name == "quota" else "/upload"
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in target.headers.items())
+    reader, writer = await open_raw(url)
+    try:
+        writer.write(head.encode() + b"\r\n" + b"x" * (size // 2))  # then nothing more
+        # Read the answer, not to the close: aiohttp lingers a while on an unread body.
+        answer = await asyncio.wait_for(reader.readuntil(b"}}"), WAIT_S)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:300]
+    assert b'"request_body_timeout"' in answer
+    assert standin.uploads == []
