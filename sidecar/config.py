@@ -146,6 +146,9 @@ class TokensConfig:
     # Cross-replica refresh lock lease; renewed while the token call runs.
     lock_ttl_s: float = 10.0
     key_prefix: str = "quota-sidecar"
+    # Redis store: an opened record is kept in the process this long between calls (never past
+    # its refresh point), dropped at once when any replica changes it; 0 reads Redis every call.
+    cache_ttl_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -349,6 +349,8 @@ def _check(config: c.Config, problems: list[str]) -> None:
         problems.append(f"quota.replay_max_bytes: must be 0 or more, got {q.replay_max_bytes}")
     if t.refresh_skew_s < 0:
         problems.append(f"tokens.refresh_skew_s: must be 0 or more, got {t.refresh_skew_s}")
+    if t.cache_ttl_s < 0:
+        problems.append(f"tokens.cache_ttl_s: must be 0 or more, got {t.cache_ttl_s}")
     for name, value in (
         ("redirects.after_connect", r.after_connect),
         ("redirects.after_error", r.after_error),

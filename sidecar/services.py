@@ -27,6 +27,7 @@ from sidecar.guards import UserGuards, create_guards
 from sidecar.hooks import EventSink, create_sink, user_resolver
 from sidecar.metrics import Metrics
 from sidecar.oauth import QuotaClient
+from sidecar.tokens.cache import RecordCache
 from sidecar.tokens.counted import CountedStore
 from sidecar.tokens.crypto import Sealer, UserKeys, derive_key
 from sidecar.tokens.factory import create_store
@@ -141,6 +142,13 @@ async def open_services(
     tokens: TokenManager | None = None
     try:
         quota = QuotaClient(quota_http, config.quota, clock=clock)
+        cache = None
+        if redis_coordinator is not None and config.tokens.cache_ttl_s > 0:
+            cache = RecordCache(
+                redis_coordinator,
+                ttl_s=config.tokens.cache_ttl_s,
+                refresh_skew_s=config.tokens.refresh_skew_s,
+            )
         tokens = TokenManager(
             CountedStore(token_store, metrics),
             quota,
@@ -148,6 +156,7 @@ async def open_services(
             clock=clock,
             coordinator=coordinator,
             metrics=metrics,
+            cache=cache,
         )
         await events.start()
         yield Services(

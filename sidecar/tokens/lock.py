@@ -30,7 +30,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -101,6 +101,10 @@ class RedisRefreshCoordinator:
         self._listener: asyncio.Task[None] | None = None
         self._closed = False
         self._subscribed = False
+        # Bumped whenever the subscription starts or stops: notices may have been missed in
+        # between, so what was cached under an older generation is not trusted (see cache.py).
+        self._generation = 0
+        self._on_change: list[Callable[[str], None]] = []
         self.lock_waits = 0  # refreshes that found another replica holding the lease
 
     @property
@@ -108,8 +112,17 @@ class RedisRefreshCoordinator:
         """Whether wake-ups arrive now (else waiters fall back to polling the lease)."""
         return self._subscribed
 
+    @property
+    def generation(self) -> int:
+        """Changes each time the subscription starts or stops."""
+        return self._generation
+
+    def on_change(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(user_key)`` for every change notice received (any replica's write)."""
+        self._on_change.append(callback)
+
     def channel(self, user_key: str) -> str:
-        return f"{self._store.prefix}:{{{user_key}}}:changed"
+        return self._store.changed_channel(user_key)
 
     @contextlib.asynccontextmanager
     async def hold(self, user_key: str) -> AsyncIterator[None]:
@@ -234,12 +247,13 @@ class RedisRefreshCoordinator:
             delay = min(delay * 2, LISTENER_RETRY_MAX_S)
 
     async def _listen_once(self) -> None:
-        pattern = f"{self._store.prefix}:{{*}}:changed"
+        pattern = self._store.changed_pattern
         client = await self._subscriber_client()
         pubsub: Any = client.pubsub()
         try:
             await pubsub.psubscribe(pattern)
             self._subscribed = True
+            self._generation += 1
             # Reads end every LISTENER_READ_S to look at ``_closed``: a cancellation redis-py
             # swallows while it reconnects cannot keep the listener (and its socket) alive.
             while not self._closed:
@@ -252,10 +266,14 @@ class RedisRefreshCoordinator:
                 if isinstance(channel, bytes):
                     channel = channel.decode("utf-8", "replace")
                 user_key = channel.partition("{")[2].partition("}")[0]
+                for callback in self._on_change:
+                    callback(user_key)
                 for event in self._waiters.get(user_key, ()):
                     event.set()
         finally:
-            self._subscribed = False
+            if self._subscribed:
+                self._subscribed = False
+                self._generation += 1
             with contextlib.suppress(*REDIS_ERRORS):
                 await pubsub.aclose()
             if client is not self._client:

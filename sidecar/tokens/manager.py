@@ -42,6 +42,7 @@ from sidecar.errors import (
 )
 from sidecar.metrics import Metrics
 from sidecar.oauth import QuotaClient, QuotaOAuthError
+from sidecar.tokens.cache import RecordCache
 from sidecar.tokens.model import TokenRecord
 from sidecar.tokens.store import TokenStore
 
@@ -80,8 +81,10 @@ class TokenManager:
         clock: Callable[[], float] = time.time,
         coordinator: RefreshCoordinator | None = None,
         metrics: Metrics | None = None,
+        cache: RecordCache | None = None,
     ) -> None:
         self.store = store
+        self._cache = cache
         self._metrics = metrics or Metrics(process=False)
         self._quota = quota
         self._skew = refresh_skew_s
@@ -90,18 +93,43 @@ class TokenManager:
         self._inflight: dict[str, asyncio.Task[TokenRecord]] = {}
         self._background: set[asyncio.Task[TokenRecord | None]] = set()
 
+    @property
+    def cache(self) -> RecordCache | None:
+        """The in-process copies of opened records (Redis store only; see ``cache``)."""
+        return self._cache
+
     async def current(self, user_key: str) -> TokenRecord | None:
         """The stored record as it is, without refreshing (for status pages)."""
         return await self.store.get(user_key)
 
     async def fresh(self, user_key: str) -> TokenRecord:
         """A record whose access token is good for at least ``refresh_skew_s`` more seconds."""
+        cache = self._cache
+        if cache is None:
+            record = await self.store.get(user_key)
+            if record is None:
+                raise WalletNotConnected
+            if not record.expires_within(self._clock(), self._skew):
+                return record
+            return await self._single_flight(user_key, stale_version=None)
+        now = self._clock()
+        cached = cache.get(user_key, now)
+        if cached is not None:
+            return cached
+        mark = cache.mark()
         record = await self.store.get(user_key)
         if record is None:
             raise WalletNotConnected
-        if not record.expires_within(self._clock(), self._skew):
+        if not record.expires_within(now, self._skew):
+            cache.remember(user_key, record, mark, now)
             return record
         return await self._single_flight(user_key, stale_version=None)
+
+    def _changed(self, user_key: str) -> None:
+        """This process changed the record: drop its cached copy now (the change notice from
+        the write drops it too, a moment later)."""
+        if self._cache is not None:
+            self._cache.drop(user_key)
 
     async def after_rejection(self, user_key: str, rejected: TokenRecord) -> TokenRecord:
         """Quota refused ``rejected``'s access token (401): refresh even if it looks unexpired."""
@@ -111,6 +139,7 @@ class TokenManager:
         """Store a new grant, replacing any earlier one (whose refresh token is then revoked)."""
         previous = await self.store.get(user_key)
         written = await self.store.put(user_key, record)
+        self._changed(user_key)
         self._metrics.wallets_connected.inc()
         if previous is not None and previous.refresh_token != record.refresh_token:
             await self._revoke_quietly(previous.refresh_token, reason="replaced by a new connect")
@@ -122,6 +151,7 @@ class TokenManager:
         if record is None:
             return False
         await self.store.delete(user_key)
+        self._changed(user_key)
         self._metrics.wallets_disconnected.labels("user").inc()
         await self._revoke_quietly(record.refresh_token, reason="disconnect")
         return True
@@ -145,6 +175,7 @@ class TokenManager:
                     log.info("a grant of a disconnected Quota user still works; kept")
                     break
                 if await self.store.compare_and_delete(user_key, record.version):
+                    self._changed(user_key)
                     forgotten.append(record.user_id)
                     self._metrics.wallets_disconnected.labels(reason).inc()
                     break
@@ -191,6 +222,7 @@ class TokenManager:
                 )
                 written = await self.store.compare_and_set(user_key, current.version, marked)
                 if written is not None:
+                    self._changed(user_key)
                     log.info(
                         "grant lacks a scope; the user must reconnect (%s)", marked.missing_scope
                     )
@@ -267,6 +299,7 @@ class TokenManager:
             if exc.grant_ended:
                 self._metrics.refreshed("invalid_grant")
                 deleted = await self.store.compare_and_delete(user_key, record.version)
+                self._changed(user_key)
                 if deleted:
                     self._metrics.wallets_disconnected.labels("grant_ended").inc()
                 log.info(
@@ -287,6 +320,7 @@ class TokenManager:
 
         fresh = self._carry_over(record, fresh)
         written = await self.store.compare_and_set(user_key, record.version, fresh)
+        self._changed(user_key)
         if written is not None:
             self._metrics.refreshed("ok")
             try:
@@ -330,6 +364,7 @@ class TokenManager:
         )
         try:
             record = await self.store.compare_and_set(user_key, record.version, noted) or record
+            self._changed(user_key)
         except StoreUnavailable:
             log.warning("could not note a transient refresh failure on the record")
         if record.is_valid_at(self._clock()):

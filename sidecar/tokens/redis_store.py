@@ -87,19 +87,25 @@ _VERSION_BITS = 63  # fits Redis's and Lua's integer handling as a decimal strin
 _DETAIL_MAX_CHARS = 300
 _GLOB_SPECIALS = re.compile(r"([\\*?\[\]])")
 
-# KEYS[1] = tokens key; ARGV = new version, blob, ttl in ms (0 = none). A script, so that the
-# write and its expiry are one step, done the same way on every topology.
+# Every script that changes a record also PUBLISHes on the user's change channel (its last ARGV):
+# the notice wakes lock waiters and drops other replicas' cached copies, in the write's own round
+# trip. PUBLISH names no key, so a script may send it on a cluster too (it reaches every node).
+
+# KEYS[1] = tokens key; ARGV = new version, blob, ttl in ms (0 = none), change channel. A script,
+# so that the write and its expiry are one step, done the same way on every topology.
 _PUT = """
 redis.call('HSET', KEYS[1], 'v', ARGV[1], 'b', ARGV[2])
 local ttl_ms = tonumber(ARGV[3])
 if ttl_ms > 0 then
   redis.call('PEXPIRE', KEYS[1], ttl_ms)
 end
+redis.call('PUBLISH', ARGV[4], '1')
 return 1
 """
 
-# KEYS[1] = tokens key; ARGV = expected version, new version, blob, ttl in ms (0 = none).
-# HGET on a missing key gives false, which never equals the expected string: no resurrection.
+# KEYS[1] = tokens key; ARGV = expected version, new version, blob, ttl in ms (0 = none),
+# change channel. HGET on a missing key gives false, which never equals the expected string: no
+# resurrection.
 _COMPARE_AND_SET = """
 if redis.call('HGET', KEYS[1], 'v') ~= ARGV[1] then
   return 0
@@ -109,26 +115,30 @@ local ttl_ms = tonumber(ARGV[4])
 if ttl_ms > 0 then
   redis.call('PEXPIRE', KEYS[1], ttl_ms)
 end
+redis.call('PUBLISH', ARGV[5], '1')
 return 1
 """
 
-# KEYS[1] = tokens key; ARGV[1] = expected version. Returns the deleted blob (its quota user id
-# is unindexed next), or false when nothing was deleted.
+# KEYS[1] = tokens key; ARGV = expected version, change channel. Returns the deleted blob (its
+# quota user id is unindexed next), or false when nothing was deleted.
 _COMPARE_AND_DELETE = """
 if redis.call('HGET', KEYS[1], 'v') ~= ARGV[1] then
   return false
 end
 local blob = redis.call('HGET', KEYS[1], 'b')
 redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[2], '1')
 return blob
 """
 
-# KEYS[1] = tokens key. Returns the deleted blob, or false when there was none.
+# KEYS[1] = tokens key; ARGV[1] = change channel. Returns the deleted blob, or false when there
+# was none.
 _DELETE = """
 local blob = redis.call('HGET', KEYS[1], 'b')
 if redis.call('DEL', KEYS[1]) == 0 then
   return false
 end
+redis.call('PUBLISH', ARGV[1], '1')
 return blob or ''
 """
 
@@ -250,6 +260,15 @@ class RedisTokenStore:
     def tokens_key(self, user_key: str) -> str:
         return f"{self._prefix}:{{{user_key}}}:tokens"
 
+    def changed_channel(self, user_key: str) -> str:
+        """Where every change to the user's record is announced (see the write scripts)."""
+        return f"{self._prefix}:{{{user_key}}}:changed"
+
+    @property
+    def changed_pattern(self) -> str:
+        """The pattern of every user's change channel."""
+        return f"{self._prefix}:{{*}}:changed"
+
     def lock_key(self, user_key: str) -> str:
         return f"{self._prefix}:{{{user_key}}}:lock"
 
@@ -283,7 +302,8 @@ class RedisTokenStore:
         await self._index(user_key, record, "put")
         with _unavailable_on_error("put"):
             await self._put(
-                keys=[self.tokens_key(user_key)], args=[str(version), blob, self._ttl_ms]
+                keys=[self.tokens_key(user_key)],
+                args=[str(version), blob, self._ttl_ms, self.changed_channel(user_key)],
             )
         return record.with_version(version)
 
@@ -295,7 +315,13 @@ class RedisTokenStore:
         with _unavailable_on_error("compare_and_set"):
             written = await self._cas(
                 keys=[self.tokens_key(user_key)],
-                args=[str(expected_version), str(version), blob, self._ttl_ms],
+                args=[
+                    str(expected_version),
+                    str(version),
+                    blob,
+                    self._ttl_ms,
+                    self.changed_channel(user_key),
+                ],
             )
         if int(written) != 1:
             return None
@@ -310,7 +336,9 @@ class RedisTokenStore:
 
     async def delete(self, user_key: str) -> bool:
         with _unavailable_on_error("delete"):
-            blob = await self._delete(keys=[self.tokens_key(user_key)])
+            blob = await self._delete(
+                keys=[self.tokens_key(user_key)], args=[self.changed_channel(user_key)]
+            )
         if blob is None:
             return False
         await self._unindex(user_key, blob)
@@ -318,7 +346,10 @@ class RedisTokenStore:
 
     async def compare_and_delete(self, user_key: str, expected_version: int) -> bool:
         with _unavailable_on_error("compare_and_delete"):
-            blob = await self._cad(keys=[self.tokens_key(user_key)], args=[str(expected_version)])
+            blob = await self._cad(
+                keys=[self.tokens_key(user_key)],
+                args=[str(expected_version), self.changed_channel(user_key)],
+            )
         if blob is None:
             return False
         await self._unindex(user_key, blob)
