@@ -92,6 +92,7 @@ def test_the_runtime_stage_installs_pinned_binary_wheels_and_no_compiler() -> No
     assert "--no-cache-dir" in runs
     assert "--only-binary=:all:" in runs
     assert "-c /tmp/constraints.txt" in runs
+    assert '*.whl)[fast]"' in runs, "the image installs the fast extra (uvloop)"
     for tool in ("apt-get", "gcc", "build-essential", "python3-dev"):
         assert tool not in runs
 
@@ -185,7 +186,7 @@ async def test_the_dockerfile_install_step_builds_a_wheel_that_installs_and_serv
     _run([sys.executable, "-m", "venv", str(venv)])
     python, command = venv / "bin" / "python", venv / "bin" / "quota-sidecar"
     _run([str(python), "-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check",
-          "--only-binary=:all:", "-c", str(CONSTRAINTS), str(wheel)])  # fmt: skip
+          "--only-binary=:all:", "-c", str(CONSTRAINTS), f"{wheel}[fast]"])  # fmt: skip
     _run([str(python), "-m", "pip", "check"])
     frozen = _run([str(python), "-m", "pip", "freeze"]).stdout
     installed = {
@@ -238,8 +239,9 @@ async def test_the_dockerfile_install_step_builds_a_wheel_that_installs_and_serv
                 names = {f.name for f in text_string_to_metric_families(await resp.text())}
         assert "quota_sidecar_requests" in names
         proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
+        output = proc.communicate(timeout=30)[0].decode()
         assert proc.returncode == 0
+        assert '"event loop: uvloop"' in output, "the image's sidecar runs on uvloop"
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from sidecar.cli import loop_factory
 from tests.integration.conftest import free_port
 
 COMMANDS = [
@@ -71,10 +72,16 @@ def test_run_refuses_an_internal_listener_off_loopback_without_a_key(tmp_path: P
     assert "identity.internal_api_key" in result.stderr
 
 
-async def test_run_serves_both_listeners_and_exits_0_on_sigterm(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("loop", "runs_on"), [("auto", "uvloop"), ("asyncio", "asyncio"), ("uvloop", "uvloop")]
+)
+async def test_run_serves_both_listeners_and_exits_0_on_sigterm(
+    tmp_path: Path, loop: str, runs_on: str
+) -> None:
     public, internal = free_port(), free_port()
     env = {
         "PATH": os.environ.get("PATH", ""),
+        "QUOTA_SIDECAR_LOOP": loop,
         "QUOTA_CLIENT_ID": "c",
         "QUOTA_CLIENT_SECRET": "s",
         "SESSION_SECRET": "x" * 32,
@@ -111,7 +118,21 @@ async def test_run_serves_both_listeners_and_exits_0_on_sigterm(tmp_path: Path) 
         output = out.decode()
         assert '"logger": "sidecar.access"' in output
         assert "token store is in memory" in output
+        assert f'"event loop: {runs_on}"' in output
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_an_unknown_loop_or_a_missing_uvloop_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with pytest.raises(
+        ValueError, match="QUOTA_SIDECAR_LOOP: must be one of auto, asyncio, uvloop"
+    ):
+        loop_factory("trio")
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if it were not installed
+    assert loop_factory("auto") == ("asyncio", None)
+    with pytest.raises(ValueError, match=r"pip install 'quota-sidecar\[fast\]'"):
+        loop_factory("uvloop")
