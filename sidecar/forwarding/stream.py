@@ -244,7 +244,9 @@ async def stream_back(
             response.content_length = int(length)
         await response.prepare(request)
         try:
-            async for chunk in upstream.content.iter_any():
+            # One write per HTTP chunk of the answer, as it was framed: chunks that arrive
+            # together are not merged, so an SSE event sent alone reaches the client alone.
+            async for chunk, _ in upstream.content.iter_chunks():
                 if on_chunk is not None:
                     on_chunk(chunk)
                 await response.write(chunk)
