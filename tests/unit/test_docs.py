@@ -30,6 +30,7 @@ DUMMY_ENV = {
     "REDIS_URL": "redis://127.0.0.1:6379/0",
     "QUOTA_INTERNAL_API_KEY": "docs-internal-api-key-0123456789",
     "APP_URL": "http://127.0.0.1:3000",
+    "DEMO_EVENTS_SECRET": "docs-demo-events-secret-0123456789abc",
     "QUOTA_TOKEN_KEY": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
     "QUOTA_TOKEN_KEY_OLD": "BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB",
 }
@@ -126,12 +127,16 @@ def test_the_production_example_spells_out_every_key_with_its_default() -> None:
 
 
 def test_the_demo_config_matches_the_demo_layout() -> None:
-    config = load_config(CONFIG_DIR / "demo.yaml", {"SESSION_SECRET": DUMMY_ENV["SESSION_SECRET"]})
+    env = {name: DUMMY_ENV[name] for name in ("SESSION_SECRET", "DEMO_EVENTS_SECRET")}
+    config = load_config(CONFIG_DIR / "demo.yaml", env)
     assert config.listen.public == "localhost:5180"
     assert config.listen.internal == "127.0.0.1:5183"
     assert config.upstream.url == "http://127.0.0.1:5182"
     assert config.quota.base_url == "http://127.0.0.1:5181"
     assert config.tokens.store == "memory"
+    assert config.webhooks.secret is not None
+    assert config.webhooks.secret.reveal() == "whsec_mock_quota_local_only"
+    assert config.events.url == "http://127.0.0.1:5182/quota/events"
 
 
 def test_the_readme_gives_the_two_quick_start_commands() -> None:
