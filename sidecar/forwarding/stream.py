@@ -246,7 +246,15 @@ async def stream_back(
         try:
             # One write per HTTP chunk of the answer, as it was framed: chunks that arrive
             # together are not merged, so an SSE event sent alone reaches the client alone.
-            async for chunk, _ in upstream.content.iter_chunks():
+            # Not ``iter_chunks()``: a body-less answer (204, 304, HEAD) reads from aiohttp's
+            # shared empty stream, which after its first use never signals the end to it.
+            content = upstream.content
+            while True:
+                chunk, _ = await content.readchunk()
+                if not chunk:
+                    if content.at_eof():
+                        break
+                    continue  # a chunk boundary with no data before it
                 if on_chunk is not None:
                     on_chunk(chunk)
                 await response.write(chunk)

@@ -19,7 +19,12 @@ async def raw_upstream() -> AsyncIterator[str]:
     """Answers every request with five chunks in a single write: one read for the sidecar."""
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"GET /empty "):
+            writer.write(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+            writer.close()
+            return
         body = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in EVENTS) + b"0\r\n\r\n"
         writer.write(
             b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
@@ -58,3 +63,11 @@ async def test_chunks_that_arrive_together_leave_as_they_were_framed(stack: Stac
             chunks.append(partial)
             partial = b""
     assert chunks == EVENTS
+
+
+async def test_body_less_answers_end_every_time(stack: Stack) -> None:
+    """204s (like 304s and HEAD answers) have no body to relay; the second one must end too."""
+    for _ in range(3):
+        resp = await asyncio.wait_for(stack.browser.get(f"{stack.public_url}/empty"), 10)
+        assert resp.status == 204
+        assert await asyncio.wait_for(resp.read(), 10) == b""
