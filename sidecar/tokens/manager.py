@@ -104,24 +104,20 @@ class TokenManager:
 
     async def fresh(self, user_key: str) -> TokenRecord:
         """A record whose access token is good for at least ``refresh_skew_s`` more seconds."""
-        cache = self._cache
-        if cache is None:
-            record = await self.store.get(user_key)
-            if record is None:
-                raise WalletNotConnected
-            if not record.expires_within(self._clock(), self._skew):
-                return record
-            return await self._single_flight(user_key, stale_version=None)
         now = self._clock()
-        cached = cache.get(user_key, now)
-        if cached is not None:
-            return cached
-        mark = cache.mark()
+        cache = self._cache
+        mark = 0
+        if cache is not None:
+            cached = cache.get(user_key, now)
+            if cached is not None:
+                return cached
+            mark = cache.mark()
         record = await self.store.get(user_key)
         if record is None:
             raise WalletNotConnected
         if not record.expires_within(now, self._skew):
-            cache.remember(user_key, record, mark, now)
+            if cache is not None:
+                cache.remember(user_key, record, mark, now)
             return record
         return await self._single_flight(user_key, stale_version=None)
 
