@@ -10,7 +10,8 @@
                  store            the token store answers ``ping`` within READY_CHECK_TIMEOUT_S
                  quota_discovery  Quota's discovery document answers 2xx; checked only with
                                   ``quota.check_discovery_on_ready`` (off by default)
-    /metrics   Prometheus text (OpenMetrics when asked for), from this sidecar's own registry
+    /metrics   Prometheus text (OpenMetrics when asked for), from this sidecar's own registry;
+               under ``--workers`` every worker's, summed (``sidecar.worker_metrics``)
 
 Nothing here reveals a user, a token or a URL with credentials: the store check reports the
 error's class, not the URL.
@@ -94,7 +95,7 @@ async def _check_discovery(services: Services) -> dict[str, Any]:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    registry = request.app[SERVICES].metrics.registry
+    registry = request.app[SERVICES].metrics.exposition
     encode, content_type = choose_encoder(",".join(request.headers.getall("Accept", [])))
     return web.Response(body=encode(registry), headers={"Content-Type": content_type, **NO_STORE})
 

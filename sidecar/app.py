@@ -148,7 +148,8 @@ class Sidecar:
     urls: dict[str, str] = field(default_factory=dict)
     health: Health = field(default_factory=Health)
 
-    async def start(self) -> None:
+    async def start(self, *, reuse_port: bool = False) -> None:
+        """Bind and serve every listener; ``reuse_port`` joins the other workers' sockets."""
         cfg = self.services.config
         grace_s = max(cfg.shutdown.grace_s, MIN_GRACE_S)
         listeners = [
@@ -175,7 +176,9 @@ class Sidecar:
             await runner.setup()
             self.runners.append(runner)
             host, port = split_host_port(address)
-            site = web.TCPSite(runner, host, port, reuse_address=True)
+            site = web.TCPSite(
+                runner, host, port, reuse_address=True, reuse_port=reuse_port or None
+            )
             await site.start()
             self.urls[name] = _bound_url(runner, host)
             log.info("%s listener on %s", name, self.urls[name])

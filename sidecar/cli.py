@@ -11,12 +11,16 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import yaml
 
 from sidecar import __version__
 from sidecar.config import Config
 from sidecar.config_loader import ConfigError, load_config, masked, resolve_path
+
+if TYPE_CHECKING:
+    from sidecar.workers import WorkerContext
 
 COMMANDS = (
     "run",
@@ -55,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="event loop: uvloop when installed (pip install 'quota-sidecar[fast]'; the image "
         "has it), else asyncio (default auto; env QUOTA_SIDECAR_LOOP)",
+    )
+    run.add_argument(
+        "--workers",
+        metavar="N",
+        default=None,
+        help="worker processes sharing the ports (SO_REUSEPORT), one per core: a number or "
+        "'auto' (the CPUs this container may use); more than 1 needs a Redis token store "
+        "(default 1; env QUOTA_SIDECAR_WORKERS)",
     )
     check = sub.add_parser(
         "check-config", help="validate the config and print it with secrets masked"
@@ -156,11 +168,29 @@ def loop_factory(choice: str) -> tuple[str, Callable[[], asyncio.AbstractEventLo
     return "uvloop", uvloop.new_event_loop
 
 
+def worker_count(choice: str, config: Config) -> int:
+    """How many processes ``run`` serves with; ``ValueError`` for a bad count, or for several
+    with the memory store (each worker would hold its own users' tokens)."""
+    from sidecar.workers import parse_workers
+
+    count = parse_workers(choice)
+    if count > 1 and config.tokens.store == "memory":
+        raise ValueError(
+            f"--workers {count} needs a shared token store, but tokens.store is 'memory': its "
+            "tokens live inside one process, so each worker would know only the users who "
+            "connected through it. Set REDIS_URL (tokens.store) to a Redis URL, or run one worker"
+        )
+    return count
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         config = _load(getattr(args, "config", None))
         loop_name, factory = loop_factory(
             getattr(args, "loop", None) or os.environ.get("QUOTA_SIDECAR_LOOP", "auto")
+        )
+        workers = worker_count(
+            getattr(args, "workers", None) or os.environ.get("QUOTA_SIDECAR_WORKERS", "1"), config
         )
     except (ConfigError, ValueError) as exc:
         print(f"quota-sidecar: {exc}", file=sys.stderr)
@@ -169,8 +199,40 @@ def run(args: argparse.Namespace) -> int:
 
     log.configure(config.log.level, config.log.format)
     logging.getLogger(__name__).info("event loop: %s", loop_name)
+    if workers > 1:
+        return _supervise(config, workers, factory)
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(_serve(config))
+
+
+def _supervise(
+    config: Config, workers: int, factory: Callable[[], asyncio.AbstractEventLoop] | None
+) -> int:
+    """``run --workers N``: hold the ports, fork the workers, watch them (``sidecar.workers``)."""
+    from sidecar.workers import (
+        ListenError,
+        Supervisor,
+        hold_addresses,
+        metrics_directory,
+    )
+
+    try:
+        resolved, held = hold_addresses(config)
+    except ListenError as exc:
+        print(f"quota-sidecar: {exc}", file=sys.stderr)
+        return 1
+
+    def serve(worker_config: Config, worker: WorkerContext) -> int:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(_serve(worker_config, worker=worker))
+
+    logging.getLogger(__name__).info("%d workers on the same ports (SO_REUSEPORT)", workers)
+    try:
+        with metrics_directory(os.environ) as directory:
+            return Supervisor(resolved, workers, serve, directory).run(held)
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def rotate_keys(args: argparse.Namespace) -> int:
@@ -220,10 +282,20 @@ async def _rotate_keys(config: Config, *, dry_run: bool) -> int:
     return 0
 
 
-async def _serve(config: Config) -> int:
+async def _serve(config: Config, *, worker: WorkerContext | None = None) -> int:
+    """Serve until SIGTERM (or SIGINT); ``worker`` when this is one of ``--workers N``."""
     from sidecar.app import Sidecar
+    from sidecar.metrics import Metrics
     from sidecar.services import open_services
 
+    metrics = None
+    if worker is not None:
+        from sidecar.log import label_worker
+        from sidecar.worker_metrics import exposition_registry, record_to_files
+
+        label_worker(worker.index)
+        record_to_files(worker.metrics_dir)
+        metrics = Metrics(process=False, exposition=exposition_registry(worker.metrics_dir))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -236,17 +308,22 @@ async def _serve(config: Config) -> int:
             os._exit(128 + signum)
         stop.set()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # A worker leaves SIGINT ignored: a terminal's Ctrl-C reaches the whole process group, and
+    # the supervisor passes it on as one SIGTERM.
+    signals = (signal.SIGTERM,) if worker is not None else (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, on_signal, sig)
-    async with open_services(config) as services:
+    async with open_services(config, metrics=metrics) as services:
         sidecar = Sidecar(services)
         try:
-            await sidecar.start()
+            await sidecar.start(reuse_port=worker is not None)
         except OSError as exc:
             print(f"quota-sidecar: cannot listen: {exc.strerror or exc}", file=sys.stderr)
             await sidecar.stop()
             return 1
+        if worker is not None:
+            worker.report_ready()
         await stop.wait()
         await sidecar.shutdown()
     return 0

@@ -130,6 +130,27 @@ class LoopFlushedHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().flush()
 
 
+class WorkerLabel(logging.Filter):
+    """Adds ``worker`` (the index under ``run --workers N``) to every line of this process."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.index
+        safe: dict[str, Any] | None = getattr(record, SAFE_FIELDS, None)
+        if safe is not None:
+            safe["worker"] = self.index
+        return True
+
+
+def label_worker(index: int) -> None:
+    """From now on, every line this process writes names its worker (call in the worker)."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(WorkerLabel(index))
+
+
 def configure(level: str = "info", fmt: str = "json") -> None:
     handler = LoopFlushedHandler(sys.stdout)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())

@@ -174,17 +174,28 @@ def status_label(status: int) -> str:
 
 
 class Metrics:
-    """Every instrument of one sidecar, on its own ``CollectorRegistry``."""
+    """Every instrument of one sidecar, on its own ``CollectorRegistry``.
 
-    def __init__(self, *, process: bool = True) -> None:
+    ``exposition`` is what ``/metrics`` renders: the same registry, or under ``--workers`` one
+    that sums every worker's files (``sidecar.worker_metrics``). Gauges say how they sum.
+    """
+
+    def __init__(
+        self, *, process: bool = True, exposition: CollectorRegistry | None = None
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.exposition = exposition or self.registry
         r = self.registry
         if process:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
             GCCollector(registry=r)
         self.build_info = Gauge(
-            f"{PREFIX}_build_info", "The running version (always 1).", ["version"], registry=r
+            f"{PREFIX}_build_info",
+            "The running version (always 1).",
+            ["version"],
+            registry=r,
+            multiprocess_mode="max",
         )
         self.build_info.labels(__version__).set(1)
 
@@ -241,12 +252,14 @@ class Metrics:
             "Responses whose headers went out and whose body is still flowing (SSE, downloads).",
             ["listener", "route"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.websockets = Gauge(
             f"{PREFIX}_websocket_connections",
             "WebSocket connections being relayed.",
             ["listener", "route"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.refreshes = Counter(
             f"{PREFIX}_refreshes",
@@ -311,8 +324,9 @@ class Metrics:
         )
         self.event_queue_depth = Gauge(
             f"{PREFIX}_event_queue_depth",
-            "Host-app events waiting to be sent (events.queue_size at most).",
+            "Host-app events waiting to be sent (events.queue_size at most, per worker).",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.topups_started = Counter(
             f"{PREFIX}_topups_started",

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
 
 import yaml
 
 from sidecar.metrics import REFRESH_OUTCOMES, Metrics
+from sidecar.worker_metrics import WorkerProcesses
 
 DEPLOY = Path(__file__).resolve().parents[2] / "docs" / "DEPLOY.md"
 _NAME = re.compile(r"\bquota_sidecar_[a-z_]+")
@@ -15,10 +17,13 @@ _SUFFIXES = ("_bucket", "_count", "_sum", "_total", "_created")
 
 
 def exposed_families() -> set[str]:
-    """Family names as they appear on /metrics (counters with their ``_total``)."""
+    """Family names as they appear on /metrics (counters with their ``_total``), with the two
+    that only ``--workers`` adds."""
+    with tempfile.TemporaryDirectory() as empty:
+        workers = list(WorkerProcesses(Path(empty)).collect())
     return {
         family.name + ("_total" if family.type == "counter" else "")
-        for family in Metrics(process=False).registry.collect()
+        for family in [*Metrics(process=False).registry.collect(), *workers]
         if family.name.startswith("quota_sidecar_")
     }
 
