@@ -42,9 +42,21 @@ def _num(value: Any) -> float | None:
     return float(value)
 
 
-def _storm_refreshes(r: dict[str, Any], v: str) -> float | None:
-    calls = _dig(r, "refresh_storm", "by_target", v, "refresh_calls_per_round")
-    return float(max(calls)) if calls else None
+# Where each storm's figures are: the one entering the window is the original shape.
+STORM_IN_WINDOW: tuple[str, ...] = ()
+STORM_INSIDE_WAIT_SKEW = ("inside_wait_skew",)
+
+
+def _storm(r: dict[str, Any], v: str, variant: tuple[str, ...], *field: str) -> Any:
+    return _dig(r, "refresh_storm", "by_target", v, *variant, *field)
+
+
+def _storm_refreshes(variant: tuple[str, ...]) -> Callable[[dict[str, Any], str], float | None]:
+    def read(r: dict[str, Any], v: str) -> float | None:
+        calls = _storm(r, v, variant, "refresh_calls_per_round")
+        return float(max(calls)) if calls else None
+
+    return read
 
 
 def _rechunked(r: dict[str, Any], v: str) -> float | None:
@@ -135,19 +147,35 @@ GOALS = (
     ),
     Goal(
         "storm_extra_p99",
-        "refresh storm: waiters' extra p99",
+        "refresh storm entering the window: extra p99 (refreshed in the background)",
         20.0,
         "ms",
         False,
-        lambda r, v: _num(_dig(r, "refresh_storm", "by_target", v, "extra_p99_ms")),
+        lambda r, v: _num(_storm(r, v, STORM_IN_WINDOW, "extra_p99_ms")),
     ),
     Goal(
         "storm_single_flight",
-        "refresh storm: refresh calls per storm (most)",
+        "refresh storm entering the window: refresh calls per storm (most)",
         1.0,
         "",
         False,
-        _storm_refreshes,
+        _storm_refreshes(STORM_IN_WINDOW),
+    ),
+    Goal(
+        "storm_wait_extra_p99",
+        "refresh storm inside the wait skew: waiters' extra p99",
+        20.0,
+        "ms",
+        False,
+        lambda r, v: _num(_storm(r, v, STORM_INSIDE_WAIT_SKEW, "extra_p99_ms")),
+    ),
+    Goal(
+        "storm_wait_single_flight",
+        "refresh storm inside the wait skew: refresh calls per storm (most)",
+        1.0,
+        "",
+        False,
+        _storm_refreshes(STORM_INSIDE_WAIT_SKEW),
     ),
     Goal(
         "rss_streams",
@@ -251,7 +279,18 @@ def table_rows(r: dict[str, Any]) -> list[list[str]]:
         _row("storm: refreshes per storm", col(storm, "refresh_calls_per_round")),
         _row("storm: baseline burst p99 (ms)", col(storm, "baseline_burst", "p99_ms")),
         _row("storm: storm burst p99 (ms)", col(storm, "storm_burst", "p99_ms")),
-        _row("  waiters' extra p99 (ms)", col(storm, "extra_p99_ms")),
+        _row("  extra p99, no caller waits (ms)", col(storm, "extra_p99_ms")),
+    ]
+    wait = STORM_INSIDE_WAIT_SKEW
+    rows += [
+        _row(
+            "storm in wait skew: refreshes per storm", col(storm, *wait, "refresh_calls_per_round")
+        ),
+        _row(
+            "storm in wait skew: baseline p99 (ms)", col(storm, *wait, "baseline_burst", "p99_ms")
+        ),
+        _row("storm in wait skew: storm p99 (ms)", col(storm, *wait, "storm_burst", "p99_ms")),
+        _row("  waiters' extra p99 (ms)", col(storm, *wait, "extra_p99_ms")),
     ]
     memory = ("memory", "by_target")
     rows += [

@@ -37,10 +37,15 @@ CHAT_BODY = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say h
 STREAM_BODY = (
     b'{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hello."}]}'
 )
-STEADY_USER = "bench-steady"  # long-lived tokens: every billed call but the storm's
+STEADY_USER = "bench-steady"  # long-lived tokens: every billed call but the storms'
 STORM_USER = "bench-storm"  # tokens that go stale FRESH_WINDOW_S after each refresh
+# Connected anew before each of its storms with a token already inside the wait skew; its
+# refreshes bring STEADY_TTL_S tokens, so calls after the refresh find nothing to refresh.
+WAIT_STORM_USER = "bench-storm-wait"
 STEADY_TTL_S = 3600.0
-REFRESH_SKEW_S = 30.0  # the sidecar's default, set explicitly so the storm's timing holds
+# The sidecar's defaults, set explicitly so the storms' timing holds.
+REFRESH_SKEW_S = 30.0
+REFRESH_WAIT_SKEW_S = 5.0
 FRESH_WINDOW_S = 1.0
 # A real token endpoint answers in tens of milliseconds; the storm's waiters wait that long.
 REFRESH_DELAY_MS = 50.0
@@ -197,7 +202,11 @@ def start_rig(
     else:
         stores["sidecar_redis"] = rig.redis_url
     users = {STEADY_USER: STEADY_TTL_S, STORM_USER: REFRESH_SKEW_S + FRESH_WINDOW_S}
-    sidecar_env = {**base_env, "QUOTA_SIDECAR__TOKENS__REFRESH_SKEW_S": str(REFRESH_SKEW_S)}
+    sidecar_env = {
+        **base_env,
+        "QUOTA_SIDECAR__TOKENS__REFRESH_SKEW_S": str(REFRESH_SKEW_S),
+        "QUOTA_SIDECAR__TOKENS__REFRESH_WAIT_SKEW_S": str(REFRESH_WAIT_SKEW_S),
+    }
     for name, store in stores.items():
         sidecar = start_sidecar(
             children,

@@ -98,8 +98,11 @@ def start_sidecar(
     return SidecarTarget(name, child, public, internal, admin, store, key_prefix)
 
 
-async def connect_user(target: SidecarTarget, user: str, *, ttl_s: float) -> None:
-    """Connect ``user``'s wallet through the browser flow; their tokens live ``ttl_s`` seconds."""
+async def connect_user(
+    target: SidecarTarget, user: str, *, ttl_s: float, refresh_ttl_s: float | None = None
+) -> None:
+    """Connect ``user``'s wallet through the browser flow; their tokens live ``ttl_s`` seconds,
+    and those their refreshes bring ``refresh_ttl_s`` (default: ``ttl_s`` too)."""
     public = f"http://127.0.0.1:{target.public_port}"
     jar = aiohttp.CookieJar(unsafe=True)
     jar.update_cookies({"bench_user": user}, URL(public))
@@ -109,9 +112,11 @@ async def connect_user(target: SidecarTarget, user: str, *, ttl_s: float) -> Non
             if resp.status != 302:
                 raise RuntimeError(f"connect answered {resp.status}: {await resp.text()}")
             authorize = resp.headers["Location"]
-        async with http.get(
-            f"{authorize}&{urlencode({'ttl_s': ttl_s})}", allow_redirects=False
-        ) as resp:
+        lifetimes = {
+            "ttl_s": ttl_s,
+            "refresh_ttl_s": ttl_s if refresh_ttl_s is None else refresh_ttl_s,
+        }
+        async with http.get(f"{authorize}&{urlencode(lifetimes)}", allow_redirects=False) as resp:
             callback = resp.headers["Location"]
         async with http.get(callback, allow_redirects=False) as resp:
             landed = resp.headers.get("Location", "")

@@ -11,7 +11,9 @@ state, so that its own cost stays small and the same for every target it is meas
                                   stream sends one event, then stays open that long (at most
                                   ``MAX_HOLD_S``) or until the client goes away
     GET  /oauth/authorize         approves at once: 302 to ``redirect_uri?code&state``; the
-                                  bench's own ``ttl_s`` parameter sets the grant's token lifetime
+                                  bench's own ``ttl_s`` parameter sets the grant's token lifetime,
+                                  and ``refresh_ttl_s`` (default: the same) that of the tokens
+                                  its refreshes issue
     POST /oauth/token             both grants; the access token lives ``ttl_s`` seconds (carried
                                   inside the code and the refresh token); a refresh answers after
                                   ``--refresh-delay-ms``, like a real token endpoint's round-trip
@@ -132,16 +134,21 @@ async def chat(request: web.Request) -> web.StreamResponse:
 async def authorize(request: web.Request) -> web.Response:
     query = request.query
     ttl_s = _bounded(query.get("ttl_s"), DEFAULT_TTL_S, 10 * DEFAULT_TTL_S)
+    refresh_ttl_s = _bounded(query.get("refresh_ttl_s"), ttl_s, 10 * DEFAULT_TTL_S)
     request.app[COUNTS]["authorize"] += 1
-    code = f"code_{ttl_s}_{secrets.token_hex(8)}"
+    code = f"code_{ttl_s}-{refresh_ttl_s}_{secrets.token_hex(8)}"
     params = urlencode({"code": code, "state": query.get("state", "")})
     return web.Response(status=302, headers={"Location": f"{query['redirect_uri']}?{params}"})
 
 
-def _ttl_of(grant: str) -> float:
-    """The lifetime carried in ``code_<ttl>_<rand>`` or ``quota_refresh_<ttl>_<rand>``."""
+def _ttls_of(grant: str) -> tuple[float, float]:
+    """The lifetimes carried in ``code_<ttl>[-<refresh ttl>]_<rand>`` or
+    ``quota_refresh_<ttl>_<rand>``: of the tokens this grant gives, and of those its refreshes
+    give (the same unless the code says otherwise)."""
     parts = grant.rsplit("_", 2)
-    return _bounded(parts[-2] if len(parts) == 3 else None, DEFAULT_TTL_S, 10 * DEFAULT_TTL_S)
+    first, _, then = (parts[-2] if len(parts) == 3 else "").partition("-")
+    ttl_s = _bounded(first or None, DEFAULT_TTL_S, 10 * DEFAULT_TTL_S)
+    return ttl_s, _bounded(then or None, ttl_s, 10 * DEFAULT_TTL_S)
 
 
 async def token(request: web.Request) -> web.Response:
@@ -150,19 +157,19 @@ async def token(request: web.Request) -> web.Response:
     counts = request.app[COUNTS]
     if grant_type == "refresh_token":
         counts["refresh"] += 1
-        ttl_s = _ttl_of(str(form.get("refresh_token", "")))
+        ttl_s, refresh_ttl_s = _ttls_of(str(form.get("refresh_token", "")))
         delay_s = request.app[REFRESH_DELAY_S]
         if delay_s:
             await asyncio.sleep(delay_s)
     elif grant_type == "authorization_code":
         counts["code"] += 1
-        ttl_s = _ttl_of(str(form.get("code", "")))
+        ttl_s, refresh_ttl_s = _ttls_of(str(form.get("code", "")))
     else:
         return web.json_response({"error": "unsupported_grant_type"}, status=400)
     return web.json_response(
         {
             "access_token": f"quota_token_{secrets.token_hex(16)}",
-            "refresh_token": f"quota_refresh_{ttl_s}_{secrets.token_hex(16)}",
+            "refresh_token": f"quota_refresh_{refresh_ttl_s}_{secrets.token_hex(16)}",
             "token_type": "Bearer",
             "expires_in": ttl_s,
             "scope": SCOPE,

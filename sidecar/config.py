@@ -32,6 +32,9 @@ MIN_SESSION_SECRET_LENGTH = 32
 MIN_EVENTS_SECRET_LENGTH = 32
 # A webhook stamped this far in Quota's future is still accepted (clocks drift a little).
 WEBHOOK_FUTURE_SKEW_S = 60
+# A call sent with this much left reaches Quota long before its token ends; with less, callers
+# wait for the new token.
+DEFAULT_REFRESH_WAIT_SKEW_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +146,9 @@ class TokensConfig:
     encryption_keys: tuple[Secret, ...] = ()
     # Refresh this long before expiry so a token never expires in flight.
     refresh_skew_s: float = 30.0
+    # Callers wait for that refresh only with less than this left; until then it runs in the
+    # background and they use the current token. Unset: this or refresh_skew_s if smaller.
+    refresh_wait_skew_s: float = DEFAULT_REFRESH_WAIT_SKEW_S
     # Cross-replica refresh lock lease; renewed while the token call runs.
     lock_ttl_s: float = 10.0
     key_prefix: str = "quota-sidecar"

@@ -96,6 +96,7 @@ def build_config(
     sections: dict[str, Any] = {}
     for name, cls in c.SECTIONS.items():
         sections[name] = _build_section(name, cls, merged.get(name, {}), problems)
+    sections["tokens"] = _default_wait_skew(sections["tokens"], merged.get("tokens", {}))
     config = c.Config(**sections)
     # Check values even when some are missing or malformed (placeholders stand in), so that one
     # run reports everything; keep the first problem per key path.
@@ -103,6 +104,15 @@ def build_config(
     if problems:
         raise ConfigError(_first_per_key(problems))
     return config
+
+
+def _default_wait_skew(tokens: c.TokensConfig, given: Mapping[str, Any]) -> c.TokensConfig:
+    """An unset ``tokens.refresh_wait_skew_s`` is at most ``tokens.refresh_skew_s``: a config
+    that only lowered the refresh skew (say to 1 s) keeps loading, and its callers keep waiting
+    for every refresh as they did before the wait skew existed."""
+    if "refresh_wait_skew_s" in given or tokens.refresh_wait_skew_s <= tokens.refresh_skew_s:
+        return tokens
+    return dataclasses.replace(tokens, refresh_wait_skew_s=max(tokens.refresh_skew_s, 0.0))
 
 
 def _first_per_key(problems: list[str]) -> list[str]:
@@ -349,6 +359,14 @@ def _check(config: c.Config, problems: list[str]) -> None:
         problems.append(f"quota.replay_max_bytes: must be 0 or more, got {q.replay_max_bytes}")
     if t.refresh_skew_s < 0:
         problems.append(f"tokens.refresh_skew_s: must be 0 or more, got {t.refresh_skew_s}")
+    wait_s = t.refresh_wait_skew_s
+    if not wait_s >= 0:  # not "< 0": nan is refused too
+        problems.append(f"tokens.refresh_wait_skew_s: must be 0 or more, got {wait_s}")
+    elif wait_s > t.refresh_skew_s:
+        problems.append(
+            "tokens.refresh_wait_skew_s: must be at most tokens.refresh_skew_s "
+            f"({t.refresh_skew_s}), got {wait_s}"
+        )
     if t.cache_ttl_s < 0:
         problems.append(f"tokens.cache_ttl_s: must be 0 or more, got {t.cache_ttl_s}")
     for name, value in (

@@ -153,6 +153,7 @@ async def open_services(
             CountedStore(token_store, metrics),
             quota,
             refresh_skew_s=config.tokens.refresh_skew_s,
+            refresh_wait_skew_s=config.tokens.refresh_wait_skew_s,
             clock=clock,
             coordinator=coordinator,
             metrics=metrics,
@@ -175,7 +176,7 @@ async def open_services(
         )
     finally:
         if tokens is not None:
-            await tokens.close()  # status notes still being written, before the store closes
+            await tokens.close()  # refreshes and status notes still running, before the store
         if guards is not None:
             await guards.close()  # before the store: they share its Redis client
         await events.close()  # bounded by events.flush_timeout_s

@@ -129,10 +129,13 @@ class RedisRefreshCoordinator:
         key = self._store.lock_key(user_key)
         token = f"{self._owner}:{secrets.token_hex(8)}"
         await self._acquire(user_key, key, token)
-        renewer = asyncio.create_task(self._keep_alive(key, token))
+        held = asyncio.Event()
+        held.set()
+        renewer = asyncio.create_task(self._keep_alive(key, token, held))
         try:
             yield
         finally:
+            held.clear()  # ends the renewer even if it swallows the cancellation (_keep_alive)
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
@@ -197,10 +200,19 @@ class RedisRefreshCoordinator:
         if self._metrics is not None:
             self._metrics.lock_wait.labels(outcome).observe(seconds)
 
-    async def _keep_alive(self, key: str, token: str) -> None:
+    async def _keep_alive(self, key: str, token: str, held: asyncio.Event) -> None:
+        """Renew the lease every third of its life while ``held`` is set.
+
+        Cancelling alone cannot stop this loop: on Python 3.11 a cancellation that lands as a
+        renewal's reply arrives is dropped by ``asyncio.wait_for`` inside redis-py, the call
+        returns normally, and the loop would renew a released hold's lease for ever (and the
+        hold would never end). So the loop also looks at ``held`` before every renewal.
+        """
         interval = self._ttl_ms / 3000
-        while True:
+        while held.is_set():
             await asyncio.sleep(interval)
+            if not held.is_set():
+                return
             try:
                 renewed = await self._renew(keys=[key], args=[token, self._ttl_ms])
             except REDIS_ERRORS as exc:

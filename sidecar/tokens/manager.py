@@ -1,5 +1,26 @@
 """Hands out fresh access tokens: refresh before expiry, once per expiry, and never lose a grant.
 
+Refresh ahead: a record enters its refresh window ``refresh_skew_s`` before expiry, but callers
+wait for the refresh only in the last ``refresh_wait_skew_s``; until then the first caller starts
+it in the background and every caller goes on with the current, still valid token. With the
+default skews::
+
+    expires_at - 30 s               expires_at - 5 s               expires_at
+    ─────────┼──────────────────────────────┼──────────────────────────────┼──
+     cached  │ read the store; start the    │ read the store; await the     │ (expired:
+     copy    │ refresh if none is running;  │ refresh (the one running, or  │  await it
+             │ use the current token        │ a new one); use the new token │  too)
+
+    call 1 (25 s left)   get → v1 in window, no refresh running: start R; use v1 at once
+    call 2 (24 s left)   get → v1 in window, R running: use v1 at once
+    R                    hold(user), re-read v1, token call … CAS(v1 → v2), drop cached copy
+    call 3               get → v2, fresh: use v2 (and cache it)
+
+R is the same single-flight task a waiting caller would share (the same lease, writes and
+fallbacks); only no caller awaits it, so its failure ends in the log and ``refreshes_total``.
+After a transient failure (noted on the record, so every replica sees it) the next one starts
+no sooner than ``AHEAD_RETRY_S`` later; a caller inside the wait skew still waits, as before.
+
 Single flight, level one (this module): within a process, one refresh task per user; every
 concurrent caller awaits the same task through ``asyncio.shield``, so a caller that goes away
 cancels only its own wait, never the token call (cancelling it after Quota rotated the refresh
@@ -37,6 +58,7 @@ from typing import Protocol
 from sidecar.errors import (
     QuotaUnavailable,
     RefreshUnavailable,
+    SidecarError,
     StoreUnavailable,
     WalletNotConnected,
 )
@@ -53,8 +75,15 @@ log = logging.getLogger(__name__)
 GRACE_S = 60.0
 # Compare-and-set attempts for a status write racing a refresh (the refresh wins; we re-read).
 STATUS_WRITE_ATTEMPTS = 3
-# At shutdown, how long background status notes get to finish (a few store round trips).
+# At shutdown, how long refreshes still running (ahead of expiry, or whose callers left) and
+# status notes get to finish. The write after Quota's answer is one store round trip, and a
+# token call answers in well under this; longer would eat into the few seconds a pod has left
+# after shutdown.grace_s (terminationGracePeriodSeconds 30 vs 2 + 25 by default).
 CLOSE_WAIT_S = 2.0
+# After a refresh failed for a transient reason, a call in the window starts the next one no
+# sooner than this: the current token still works, a failing Quota is not sent one refresh per
+# call, and the 25 s between the default skews still hold a few tries before callers must wait.
+AHEAD_RETRY_S = 5.0
 
 
 class RefreshCoordinator(Protocol):
@@ -78,6 +107,7 @@ class TokenManager:
         quota: QuotaClient,
         *,
         refresh_skew_s: float,
+        refresh_wait_skew_s: float,
         clock: Callable[[], float] = time.time,
         coordinator: RefreshCoordinator | None = None,
         metrics: Metrics | None = None,
@@ -88,6 +118,7 @@ class TokenManager:
         self._metrics = metrics or Metrics(process=False)
         self._quota = quota
         self._skew = refresh_skew_s
+        self._wait_skew = refresh_wait_skew_s
         self._clock = clock
         self._coordinator = coordinator or LocalCoordinator()
         self._inflight: dict[str, asyncio.Task[TokenRecord]] = {}
@@ -103,7 +134,9 @@ class TokenManager:
         return await self.store.get(user_key)
 
     async def fresh(self, user_key: str) -> TokenRecord:
-        """A record whose access token is good for at least ``refresh_skew_s`` more seconds."""
+        """A record whose access token is good for at least ``refresh_wait_skew_s`` more seconds
+        (with under ``refresh_skew_s`` left, its refresh is started in the background), or the
+        current one while it is still valid when a refresh failed transiently."""
         now = self._clock()
         cache = self._cache
         mark = 0
@@ -119,7 +152,20 @@ class TokenManager:
             if cache is not None:
                 cache.remember(user_key, record, mark, now)
             return record
-        return await self._single_flight(user_key, stale_version=None)
+        if record.expires_within(now, self._wait_skew) or not record.is_valid_at(now):
+            return await self._single_flight(user_key, stale_version=None)
+        self._refresh_ahead(user_key, record, now)
+        return record
+
+    def _refresh_ahead(self, user_key: str, record: TokenRecord, now: float) -> None:
+        """Start the user's refresh without waiting for it, unless one is running already or
+        the last one failed transiently less than ``AHEAD_RETRY_S`` ago."""
+        failed_lately = (
+            record.last_refresh_outcome == "transient"
+            and now - (record.last_refresh_at or 0.0) < AHEAD_RETRY_S
+        )
+        if user_key not in self._inflight and not failed_lately:
+            self._start(user_key, stale_version=None, ahead=True)
 
     def _changed(self, user_key: str) -> None:
         """This process changed the record: drop its cached copy now (the change notice from
@@ -237,13 +283,24 @@ class TokenManager:
         task.add_done_callback(self._background.discard)
 
     async def close(self) -> None:
-        """Let status notes still being written finish (bounded), before the store closes."""
-        if not self._background:
+        """Let refreshes and status notes still running finish (bounded), before the store
+        closes: once Quota has rotated a refresh token, the write of the new pair must land."""
+        refreshes = set(self._inflight.values())
+        running: set[asyncio.Task[TokenRecord | None]] = {*refreshes, *self._background}
+        if not running:
             return
-        _, pending = await asyncio.wait(set(self._background), timeout=CLOSE_WAIT_S)
+        _, pending = await asyncio.wait(running, timeout=CLOSE_WAIT_S)
         for task in pending:
             task.cancel()
         if pending:
+            cut = len(pending & refreshes)
+            if cut:
+                log.warning(
+                    "%d token refresh(es) still running after %g s at shutdown were cut; if Quota "
+                    "had already rotated a user's tokens, that user must connect again",
+                    cut,
+                    CLOSE_WAIT_S,
+                )
             await asyncio.gather(*pending, return_exceptions=True)
 
     async def revoke_orphan(self, record: TokenRecord) -> None:
@@ -251,18 +308,31 @@ class TokenManager:
         await self._revoke_quietly(record.refresh_token, reason="could not be stored")
 
     async def _single_flight(self, user_key: str, *, stale_version: int | None) -> TokenRecord:
-        task = self._inflight.get(user_key)
-        if task is None:
-            task = asyncio.create_task(self._refresh(user_key, stale_version))
-            self._inflight[user_key] = task
-            task.add_done_callback(lambda t: self._finished(user_key, t))
+        task = self._inflight.get(user_key) or self._start(user_key, stale_version=stale_version)
         return await asyncio.shield(task)
 
-    def _finished(self, user_key: str, task: asyncio.Task[TokenRecord]) -> None:
+    def _start(
+        self, user_key: str, *, stale_version: int | None, ahead: bool = False
+    ) -> asyncio.Task[TokenRecord]:
+        """The user's one refresh task; ``ahead``: started for no caller (see the docstring)."""
+        task = asyncio.create_task(self._refresh(user_key, stale_version))
+        self._inflight[user_key] = task
+        task.add_done_callback(lambda t: self._finished(user_key, t, ahead=ahead))
+        return task
+
+    def _finished(self, user_key: str, task: asyncio.Task[TokenRecord], *, ahead: bool) -> None:
         if self._inflight.get(user_key) is task:
             del self._inflight[user_key]
-        if not task.cancelled():
-            task.exception()  # mark retrieved: every waiter may have gone away
+        if task.cancelled():
+            return
+        exc = task.exception()  # mark retrieved: every waiter may have gone away
+        if exc is None or not ahead:
+            return  # a waiting caller's answer carries its failure
+        if isinstance(exc, SidecarError):
+            level = logging.INFO if isinstance(exc, WalletNotConnected) else logging.WARNING
+            log.log(level, "a refresh ahead of expiry failed: %s", exc)
+        else:
+            log.error("a refresh ahead of expiry failed", exc_info=exc)
 
     async def _refresh(self, user_key: str, stale_version: int | None) -> TokenRecord:
         async with self._coordinator.hold(user_key):

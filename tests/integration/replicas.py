@@ -27,17 +27,18 @@ class Replica:
     log_path: Path
     public_url: str = ""
     internal_url: str = ""
+    admin_url: str = ""
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @classmethod
     def configure(cls, base_env: Mapping[str, str], log_dir: Path, index: int) -> Replica:
-        public, internal = free_port(), free_port()
+        public, internal, admin = free_port(), free_port(), free_port()
         env = {
             "PATH": os.environ.get("PATH", ""),
             **base_env,
             "QUOTA_SIDECAR__LISTEN__PUBLIC": f"127.0.0.1:{public}",
             "QUOTA_SIDECAR__LISTEN__INTERNAL": f"127.0.0.1:{internal}",
-            "QUOTA_SIDECAR__LISTEN__ADMIN": f"127.0.0.1:{free_port()}",
+            "QUOTA_SIDECAR__LISTEN__ADMIN": f"127.0.0.1:{admin}",
             # Nothing routes to these replicas: no load balancer to wait for at shutdown.
             "QUOTA_SIDECAR__SHUTDOWN__DRAIN_DELAY_S": "0",
         }
@@ -46,6 +47,7 @@ class Replica:
             log_path=log_dir / f"replica-{index}.log",
             public_url=f"http://127.0.0.1:{public}",
             internal_url=f"http://127.0.0.1:{internal}",
+            admin_url=f"http://127.0.0.1:{admin}",
         )
 
     def start(self) -> None:
@@ -83,6 +85,16 @@ class Replica:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(timeout=10)
+
+    async def terminate(self, timeout_s: float = 15.0) -> int:
+        """SIGTERM, then wait for the exit without blocking the loop (the emulator runs in it)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while (code := self.process.poll()) is None:
+            assert time.monotonic() < deadline, f"replica did not stop:\n{self.log()}"
+            await asyncio.sleep(0.05)
+        return code
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -18,10 +18,11 @@ from tests.integration.conftest import Stack, free_port
 
 
 async def expire_soon(stack: Stack, user: str = "alice") -> None:
-    """Move time to within the refresh skew of the user's access-token expiry."""
+    """Move time to within the wait skew of the user's access-token expiry: the next call waits
+    for the refresh (above it the refresh runs ahead, see ``test_refresh_ahead``)."""
     record = await stack.store.get(stack.user_key(user))
     assert record is not None
-    stack.clock.now = record.expires_at - stack.config.tokens.refresh_skew_s + 1
+    stack.clock.now = record.expires_at - stack.config.tokens.refresh_wait_skew_s + 1
 
 
 async def assert_kept_after_a_transient_failure(

@@ -24,12 +24,19 @@ from sidecar.tokens.factory import create_store
 from sidecar.tokens.model import TokenRecord
 from sidecar.tokens.store import TokenStore
 from tests.integration.replicas import Replica
+from tests.scrape import scrape
 from tests.support import Browser, approve_consent, create_stub_upstream, make_config
 
 ACCESS_TTL_S = 6.0  # the storm must end before the new token is due (TTL - skew)
-SKEW_S = 1.0
+SKEW_S = 1.0  # the wait skew, unset, follows it: every caller in the window waits
 LOCK_TTL_S = 1.0
 USER = "alice"
+# Refresh ahead: the window opens 4 s before expiry, callers wait only in the last second.
+AHEAD_SKEW_S = 4.0
+AHEAD_ENV = {
+    "QUOTA_SIDECAR__TOKENS__REFRESH_SKEW_S": str(AHEAD_SKEW_S),
+    "QUOTA_SIDECAR__TOKENS__REFRESH_WAIT_SKEW_S": "1",
+}
 
 
 @dataclass
@@ -77,6 +84,12 @@ def topology() -> str:
 
 
 @pytest.fixture
+def replica_env() -> dict[str, str]:
+    """Settings every replica gets on top of the cluster's (parametrize to change them)."""
+    return {}
+
+
+@pytest.fixture
 async def cluster(
     aiohttp_server: Callable[..., Any],
     topology: str,
@@ -86,6 +99,7 @@ async def cluster(
     redis_cluster_url: str,
     redis_cluster_prefix: str,
     redis_cluster_client: Any,
+    replica_env: dict[str, str],
     tmp_path: Path,
 ) -> AsyncIterator[Cluster]:
     """Three replicas on one Redis: a standalone server, or a three-node Redis Cluster."""
@@ -111,6 +125,7 @@ async def cluster(
         "QUOTA_SIDECAR__TOKENS__LOCK_TTL_S": str(LOCK_TTL_S),
         "QUOTA_SIDECAR__UPSTREAM__URL": str(upstream_server.make_url("")).rstrip("/"),
         "QUOTA_SIDECAR__LOG__LEVEL": "warning",
+        **replica_env,
     }
     replicas = [Replica.configure(base_env, tmp_path, i) for i in range(3)]
     client = quota.register_client(
@@ -149,10 +164,10 @@ async def cluster(
         await store.close()
 
 
-async def sleep_until_refresh_is_due(cluster: Cluster) -> TokenRecord:
+async def sleep_until_refresh_is_due(cluster: Cluster, skew_s: float = SKEW_S) -> TokenRecord:
     record = await cluster.record()
     assert record is not None
-    due = record.expires_at - SKEW_S + 0.05
+    due = record.expires_at - skew_s + 0.05
     await asyncio.sleep(max(0.0, due - time.time()))
     return record
 
@@ -230,3 +245,65 @@ async def test_a_holder_killed_after_quota_rotated_ends_as_wallet_not_connected(
     status, body = await cluster.chat(cluster.replicas[2])
     assert (status, body["error"]["code"]) == (401, "wallet_not_connected")
     assert cluster.quota.counters["token.refresh_token"] == calls
+
+
+@pytest.mark.parametrize("replica_env", [AHEAD_ENV])
+async def test_two_replicas_in_the_window_refresh_ahead_exactly_once_between_them(
+    cluster: Cluster,
+) -> None:
+    before = await sleep_until_refresh_is_due(cluster, AHEAD_SKEW_S)
+    cluster.quota.settings.token_delay_s = 1.0  # the holder's refresh runs while both are called
+    pair = cluster.replicas[:2]
+    results = await asyncio.gather(*(cluster.chat(pair[i % 2]) for i in range(40)))
+    assert [r[0] for r in results] == [200] * 40
+    await cluster.wait_for(
+        lambda: cluster.quota.counters["token.refresh_ok"] == 1, 10, "the refresh ahead"
+    )
+
+    async def outcomes() -> list[dict[str, float]]:
+        scrapes = [await scrape(r.admin_url) for r in pair]
+        return [
+            {
+                o: m.value("quota_sidecar_refreshes_total", outcome=o)
+                for o in ("ok", "already_fresh")
+            }
+            for m in scrapes
+        ]
+
+    # Each replica started a refresh of its own; the one that waited for the lease found the
+    # record refreshed and made no token call.
+    deadline = time.monotonic() + 10
+    while True:
+        seen = await outcomes()
+        oks = sorted(o["ok"] for o in seen)
+        if oks == [0, 1] and all(o["ok"] + o["already_fresh"] >= 1 for o in seen):
+            break
+        assert time.monotonic() < deadline, seen
+        await asyncio.sleep(0.05)
+    assert cluster.quota.counters["token.refresh_token"] == 1
+    assert cluster.quota.counters["token.refresh_reuse"] == 0
+    after = await cluster.record()
+    assert after is not None
+    assert after.refresh_token != before.refresh_token
+
+
+@pytest.mark.parametrize("replica_env", [AHEAD_ENV])
+async def test_sigterm_waits_for_a_refresh_ahead_so_the_rotated_pair_is_written(
+    cluster: Cluster,
+) -> None:
+    before = await sleep_until_refresh_is_due(cluster, AHEAD_SKEW_S)
+    cluster.quota.settings.token_response_delay_s = 1.0  # rotated at Quota, answer held back
+    status, body = await cluster.chat(cluster.replicas[0])
+    assert status == 200, body
+    await cluster.wait_for(
+        lambda: cluster.quota.counters["token.refresh_ok"] == 1, 10, "Quota's rotation"
+    )
+    assert await cluster.replicas[0].terminate() == 0  # while the answer is still on its way
+    after = await cluster.record()
+    assert after is not None
+    assert after.refresh_token != before.refresh_token  # the new pair landed before the exit
+    assert "were cut" not in cluster.replicas[0].log(), cluster.replicas[0].log()
+    cluster.quota.settings.token_response_delay_s = 0
+    status, body = await cluster.chat(cluster.replicas[1])
+    assert status == 200, body
+    assert cluster.quota.counters["token.refresh_reuse"] == 0

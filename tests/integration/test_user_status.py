@@ -39,8 +39,9 @@ async def record_of(stack: Stack, user: str = "alice") -> TokenRecord:
 
 
 async def expire_soon(stack: Stack, user: str = "alice") -> None:
+    """Into the wait skew: the next call waits for the refresh, so its outcome is on the record."""
     record = await record_of(stack, user)
-    stack.clock.now = record.expires_at - stack.config.tokens.refresh_skew_s + 1
+    stack.clock.now = record.expires_at - stack.config.tokens.refresh_wait_skew_s + 1
 
 
 async def wait_for_mark(stack: Stack, user: str = "alice") -> TokenRecord:

@@ -98,6 +98,50 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
     assert loaded.tokens.lock_ttl_s == 7.0
 
 
+def test_callers_wait_for_a_refresh_only_in_the_last_five_seconds_by_default() -> None:
+    tokens = build_config({}, GOOD_ENV).tokens
+    assert (tokens.refresh_skew_s, tokens.refresh_wait_skew_s) == (30.0, 5.0)
+
+
+def test_the_wait_skew_can_be_set_from_the_environment() -> None:
+    env = {**GOOD_ENV, "QUOTA_SIDECAR__TOKENS__REFRESH_WAIT_SKEW_S": "12.5"}
+    assert build_config({}, env).tokens.refresh_wait_skew_s == 12.5
+
+
+@pytest.mark.parametrize("skew", [0, 1, 4.5])
+def test_an_unset_wait_skew_follows_a_refresh_skew_set_below_it(skew: float) -> None:
+    """A config that lowered only the refresh skew still loads, with every caller waiting."""
+    tokens = build_config({"tokens": {"refresh_skew_s": skew}}, GOOD_ENV).tokens
+    assert tokens.refresh_wait_skew_s == skew
+
+
+@pytest.mark.parametrize(
+    ("tokens", "expected"),
+    [
+        (
+            {"refresh_wait_skew_s": -1},
+            "tokens.refresh_wait_skew_s: must be 0 or more, got -1.0",
+        ),
+        (
+            {"refresh_wait_skew_s": "nan"},
+            "tokens.refresh_wait_skew_s: must be 0 or more, got nan",
+        ),
+        (
+            {"refresh_wait_skew_s": 31},
+            "tokens.refresh_wait_skew_s: must be at most tokens.refresh_skew_s (30.0), got 31.0",
+        ),
+        (
+            {"refresh_skew_s": 1, "refresh_wait_skew_s": 5},
+            "tokens.refresh_wait_skew_s: must be at most tokens.refresh_skew_s (1.0), got 5.0",
+        ),
+    ],
+)
+def test_a_wait_skew_outside_zero_to_the_refresh_skew_is_refused(
+    tokens: dict[str, object], expected: str
+) -> None:
+    assert expected in problems_of({"tokens": tokens}, GOOD_ENV)
+
+
 @pytest.mark.parametrize(
     ("doc", "expected"),
     [
