@@ -1,4 +1,5 @@
-"""The command line: every command has help; run serves and stops cleanly on SIGTERM."""
+"""The command line: every command has help; run serves and stops cleanly on SIGTERM, and
+imports redis-py only for a Redis store."""
 
 from __future__ import annotations
 
@@ -136,3 +137,63 @@ def test_an_unknown_loop_or_a_missing_uvloop_is_a_clear_error(
     assert loop_factory("auto") == ("asyncio", None)
     with pytest.raises(ValueError, match=r"pip install 'quota-sidecar\[fast\]'"):
         loop_factory("uvloop")
+
+
+# ``run`` as shipped, reporting what it imported once both listeners are up, then stopping.
+_RUN_AND_LIST_IMPORTS = """
+import os, signal, sys
+from sidecar import app, cli
+
+start = app.Sidecar.start
+
+async def started(self):
+    await start(self)
+    names = ("redis", "hiredis")
+    found = sorted(m for m in sys.modules if m.split(".")[0] in names)
+    print("imported:", " ".join(found) or "-", flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+app.Sidecar.start = started
+sys.exit(cli.main(["run"]))
+"""
+
+
+def _imports_of_run(tmp_path: Path, **env: str) -> set[str]:
+    result = subprocess.run(
+        [sys.executable, "-c", _RUN_AND_LIST_IMPORTS],
+        env={
+            "PATH": os.environ.get("PATH", ""),
+            "QUOTA_CLIENT_ID": "c",
+            "QUOTA_CLIENT_SECRET": "s",
+            "SESSION_SECRET": "x" * 32,
+            "QUOTA_SIDECAR__LISTEN__PUBLIC": f"127.0.0.1:{free_port()}",
+            "QUOTA_SIDECAR__LISTEN__INTERNAL": f"127.0.0.1:{free_port()}",
+            "QUOTA_SIDECAR__LISTEN__ADMIN": f"127.0.0.1:{free_port()}",
+            "QUOTA_SIDECAR__UPSTREAM__URL": f"http://127.0.0.1:{free_port()}",
+            "QUOTA_SIDECAR__SHUTDOWN__DRAIN_DELAY_S": "0",
+            **env,
+        },
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    listed = next(line for line in result.stdout.splitlines() if line.startswith("imported:"))
+    return set(listed.split()[1:]) - {"-"}
+
+
+def test_run_with_the_memory_store_never_imports_redis(
+    tmp_path: Path,
+) -> None:
+    assert _imports_of_run(tmp_path) == set()
+
+
+async def test_run_with_a_redis_store_imports_redis(
+    tmp_path: Path, redis_url: str, redis_prefix: str
+) -> None:
+    imported = _imports_of_run(
+        tmp_path, REDIS_URL=redis_url, QUOTA_SIDECAR__TOKENS__KEY_PREFIX=redis_prefix
+    )
+    assert {"redis", "redis.asyncio"} <= imported  # the listing sees redis-py when it is there
