@@ -1,8 +1,9 @@
 """The command line: every command has help; run serves and stops cleanly on SIGTERM, and
-imports redis-py only for a Redis store."""
+imports neither redis-py (unless the store is Redis) nor the other commands' modules."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from sidecar.cli import loop_factory
+from sidecar.cli import build_parser, loop_factory, main
 from tests.integration.conftest import free_port
 
 COMMANDS = [
@@ -40,6 +41,29 @@ def test_every_command_has_help(command: list[str]) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "usage: quota-sidecar" in result.stdout
+
+
+def _help_of(
+    parser: argparse.ArgumentParser, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> str:
+    with pytest.raises(SystemExit):
+        parser.parse_args([*argv, "--help"])
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [[], *[[c] for c in COMMANDS]])
+def test_help_reads_the_same_when_only_the_command_given_has_its_options(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    full = _help_of(build_parser(), command, capsys)
+    assert _help_of(build_parser(command[0] if command else "run"), command, capsys) == full
+
+
+def test_main_parses_the_options_of_the_command_it_is_given(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["gen-secret", "--count", "2"]) == 0
+    assert len(capsys.readouterr().out.split()) == 2
 
 
 def test_the_console_script_is_installed() -> None:
@@ -148,8 +172,9 @@ start = app.Sidecar.start
 
 async def started(self):
     await start(self)
-    names = ("redis", "hiredis")
-    found = sorted(m for m in sys.modules if m.split(".")[0] in names)
+    names = ("redis", "hiredis", "sidecar.demo", "sidecar.mock_quota", "sidecar.setup",
+             "sidecar.doctor")
+    found = sorted(m for m in sys.modules if m.split(".")[0] in names or m.startswith(names))
     print("imported:", " ".join(found) or "-", flush=True)
     os.kill(os.getpid(), signal.SIGTERM)
 
@@ -184,16 +209,17 @@ def _imports_of_run(tmp_path: Path, **env: str) -> set[str]:
     return set(listed.split()[1:]) - {"-"}
 
 
-def test_run_with_the_memory_store_never_imports_redis(
+def test_run_with_the_memory_store_never_imports_redis_or_the_other_commands(
     tmp_path: Path,
 ) -> None:
     assert _imports_of_run(tmp_path) == set()
 
 
-async def test_run_with_a_redis_store_imports_redis(
+async def test_run_with_a_redis_store_imports_redis_and_still_not_the_other_commands(
     tmp_path: Path, redis_url: str, redis_prefix: str
 ) -> None:
     imported = _imports_of_run(
         tmp_path, REDIS_URL=redis_url, QUOTA_SIDECAR__TOKENS__KEY_PREFIX=redis_prefix
     )
     assert {"redis", "redis.asyncio"} <= imported  # the listing sees redis-py when it is there
+    assert not {name for name in imported if name.startswith("sidecar.")}
