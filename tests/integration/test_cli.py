@@ -170,8 +170,8 @@ from sidecar import app, cli
 
 start = app.Sidecar.start
 
-async def started(self):
-    await start(self)
+async def started(self, *args, **kwargs):
+    await start(self, *args, **kwargs)
     names = ("redis", "hiredis", "sidecar.demo", "sidecar.mock_quota", "sidecar.setup",
              "sidecar.doctor")
     found = sorted(m for m in sys.modules if m.split(".")[0] in names or m.startswith(names))
