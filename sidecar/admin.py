@@ -27,7 +27,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
-from sidecar import middleware, observe
+from sidecar import middleware
 from sidecar.access_log import LISTENER
 from sidecar.errors import SidecarError
 from sidecar.services import SERVICES, Services
@@ -101,13 +101,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def create_admin_app(services: Services, health: Health) -> web.Application:
-    app = web.Application(
-        middlewares=[
-            middleware.request_id,
-            observe.middleware("admin", services.metrics),
-            middleware.errors,
-        ]
-    )
+    app = web.Application(middlewares=[middleware.for_listener("admin", services.metrics)])
     app[SERVICES] = services
     app[LISTENER] = "admin"
     app[HEALTH] = health

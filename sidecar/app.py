@@ -13,11 +13,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from sidecar import middleware, observe
 from sidecar.access_log import ACCESS_LOGGER, LISTENER, AccessLogger
@@ -52,14 +50,9 @@ async def _unknown_auth_path(request: web.Request) -> web.StreamResponse:
 
 
 def create_public_app(services: Services) -> web.Application:
-    # Middleware order: request id first (every line logged carries it), then the metrics (so
-    # they see the status the client gets), then error rendering.
+    # One middleware: request id, metrics, error rendering, in that order (sidecar.middleware).
     app = web.Application(
-        middlewares=[
-            middleware.request_id,
-            observe.middleware("public", services.metrics),
-            middleware.errors,
-        ],
+        middlewares=[middleware.for_listener("public", services.metrics)],
         handler_args=handler_args(services),
     )
     app[SERVICES] = services
@@ -78,36 +71,33 @@ def create_public_app(services: Services) -> web.Application:
     return app
 
 
-def internal_key_guard(services: Services) -> Callable[..., object]:
+def internal_key_check(services: Services) -> middleware.Check | None:
     """With ``identity.internal_api_key`` set, every internal call must carry it.
 
     Accepted as ``Authorization: Bearer <key>`` (OpenAI SDKs' ``api_key``) or ``x-api-key``
-    (Anthropic SDKs' ``api_key``); compared in constant time.
+    (Anthropic SDKs' ``api_key``); compared in constant time. ``None`` when no key is set.
     """
     key = services.config.identity.internal_api_key
-    expected = key.reveal().encode() if key is not None else None
+    if key is None:
+        return None
+    expected = key.reveal().encode()
 
-    @web.middleware
-    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if expected is not None:
-            auth = request.headers.get("Authorization", "")
-            given = (
-                auth[7:] if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
-            )
-            if not hmac.compare_digest(given.encode(), expected):
-                raise InvalidApiKey
-        return await handler(request)
+    def check(request: web.Request) -> None:
+        auth = request.headers.get("Authorization", "")
+        given = auth[7:] if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
+        if not hmac.compare_digest(given.encode(), expected):
+            raise InvalidApiKey
 
-    return guard
+    return check
 
 
 def create_internal_app(services: Services) -> web.Application:
+    # The same middleware, ending with the internal API key's check (sidecar.middleware).
     app = web.Application(
         middlewares=[
-            middleware.request_id,
-            observe.middleware("internal", services.metrics),
-            middleware.errors,
-            internal_key_guard(services),  # type: ignore[list-item]
+            middleware.for_listener(
+                "internal", services.metrics, check=internal_key_check(services)
+            )
         ],
         handler_args=handler_args(services),
     )

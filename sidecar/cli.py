@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import signal
@@ -43,7 +44,24 @@ def _add_config_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The commands whose options their own modules add. Those modules bring the emulator, the demo
+# app, init and doctor with them (about 1.2 MB that ``run`` never uses), so each is imported only
+# when its command is the one on the command line.
+_OWN_ARGUMENTS = {
+    "demo": "sidecar.demo.runner",
+    "mock-quota": "sidecar.mock_quota.cli",
+    "init": "sidecar.setup.init_cmd",
+    "doctor": "sidecar.doctor.command",
+    "gen-secret": "sidecar.setup.gen_secret",
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser; with ``command``, only that subcommand gets its own options.
+
+    Every subcommand is listed either way, so ``--help`` reads the same; ``main`` passes the
+    command it finds in ``argv``, and parsing that command needs no other subcommand's options.
+    """
     parser = argparse.ArgumentParser(
         prog="quota-sidecar",
         description="Let any web app bill its users' AI calls to their own Quota wallet.",
@@ -83,34 +101,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="Quota emulator + demo app + sidecar on http://localhost:5180, one command"
     )
-    from sidecar.demo.runner import add_arguments as demo_args
-
-    demo_args(demo)
     mock = sub.add_parser("mock-quota", help="run the Quota emulator alone, for local development")
-    from sidecar.mock_quota.cli import add_arguments as mock_args
-
-    mock_args(mock)
     init = sub.add_parser(
         "init",
         help="sign in to Quota, register the app, write config/sidecar.yaml, .env and a k8s Secret",
     )
-    from sidecar.setup.init_cmd import add_arguments as init_args
-
-    init_args(init)
     doctor = sub.add_parser(
         "doctor", help="check the config, Quota, the app's identity probe, the store and the clock"
     )
     _add_config_arg(doctor)
-    from sidecar.doctor.command import add_arguments as doctor_args
-
-    doctor_args(doctor)
     gen_secret = sub.add_parser(
         "gen-secret",
         help="print a fresh 32-byte URL-safe secret (SESSION_SECRET, tokens.encryption_keys)",
     )
-    from sidecar.setup.gen_secret import add_arguments as gen_secret_args
-
-    gen_secret_args(gen_secret)
+    own = {
+        "demo": demo,
+        "mock-quota": mock,
+        "init": init,
+        "doctor": doctor,
+        "gen-secret": gen_secret,
+    }
+    for name, subparser in own.items():
+        if command is None or command == name:
+            importlib.import_module(_OWN_ARGUMENTS[name]).add_arguments(subparser)
     sub.add_parser("version", help="print the version, with Python's, aiohttp's and redis-py's")
     return parser
 
@@ -329,8 +342,16 @@ async def _serve(config: Config, *, worker: WorkerContext | None = None) -> int:
     return 0
 
 
+def _command_in(argv: Sequence[str]) -> str:
+    """The subcommand named on the command line (``run`` if none): its first word without a
+    dash, since the top-level options (``--help``, ``--version``) take no value."""
+    return next((arg for arg in argv if not arg.startswith("-")), "run")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    if argv is None:
+        argv = sys.argv[1:]
+    args = build_parser(_command_in(argv)).parse_args(argv)
     command = args.command or "run"
     if command == "check-config":
         return check_config(args)

@@ -1,6 +1,6 @@
 """Where each request's time goes: route classes, timings, request metrics and client traces.
 
-Added latency, measured: the ``observe`` middleware notes when a request's handler starts; the
+Added latency, measured: ``RequestWatch`` notes when a request's handler starts; the
 ``on_response_prepare`` hook notes when its response headers go out; and a client trace on the
 Quota and host-app sessions adds up, for the request being handled, the time spent waiting for
 those parties to answer — from sending a call to receiving its response headers (the identity
@@ -19,7 +19,6 @@ internal listener), ``proxy`` (everything else on the public listener), ``admin`
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import json
 import time
@@ -30,7 +29,6 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from aiohttp.typedefs import Handler
 from prometheus_client import Counter, Gauge, Histogram
 from yarl import URL
 
@@ -124,32 +122,29 @@ def note_user(request: web.Request, user_key: str) -> None:
         timing.user_key = user_key[:16]
 
 
-def middleware(listener: str, metrics: Metrics) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """Counts and times every request of one listener; outermost after the request id."""
+class RequestWatch:
+    """Counts and times every request of one listener.
 
-    children = ListenerMetrics(metrics, listener)
+    Not a middleware of its own: the listener's one middleware (``sidecar.middleware``) calls
+    ``start`` once the request id is set and ``finish`` with the status the client got.
+    """
 
-    @web.middleware
-    async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-        timing = Timing(listener, route_class(listener, request.path), time.perf_counter())
+    __slots__ = ("_children", "_listener")
+
+    def __init__(self, listener: str, metrics: Metrics) -> None:
+        self._listener = listener
+        self._children = ListenerMetrics(metrics, listener)
+
+    def start(self, request: web.Request) -> tuple[Timing, contextvars.Token[Timing | None]]:
+        timing = Timing(
+            self._listener, route_class(self._listener, request.path), time.perf_counter()
+        )
         request[TIMING] = timing
-        token = _current.set(timing)
-        status = 500
-        try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        except asyncio.CancelledError:
-            status = CLIENT_CLOSED
-            raise
-        finally:
-            _current.reset(token)
-            timing.finish(children, status)
+        return timing, _current.set(timing)
 
-    return observe
+    def finish(self, timing: Timing, token: contextvars.Token[Timing | None], status: int) -> None:
+        _current.reset(token)
+        timing.finish(self._children, status)
 
 
 def prepare_hook(

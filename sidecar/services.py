@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -30,11 +31,12 @@ from sidecar.oauth import QuotaClient
 from sidecar.tokens.cache import RecordCache
 from sidecar.tokens.counted import CountedStore
 from sidecar.tokens.crypto import Sealer, UserKeys, derive_key
-from sidecar.tokens.factory import create_store
-from sidecar.tokens.lock import RedisRefreshCoordinator
+from sidecar.tokens.factory import create_store, redis_store_of
 from sidecar.tokens.manager import RefreshCoordinator, TokenManager
-from sidecar.tokens.redis_store import RedisTokenStore
 from sidecar.tokens.store import TokenStore
+
+if TYPE_CHECKING:
+    from sidecar.tokens.lock import RedisRefreshCoordinator
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +112,12 @@ async def open_services(
             "set REDIS_URL to run more than one replica"
         )
     redis_coordinator: RedisRefreshCoordinator | None = None
-    if coordinator is None and isinstance(token_store, RedisTokenStore):
+    redis_store = redis_store_of(token_store)
+    if coordinator is None and redis_store is not None:
+        from sidecar.tokens.lock import RedisRefreshCoordinator  # imports redis-py
+
         redis_coordinator = coordinator = RedisRefreshCoordinator(
-            token_store,
+            redis_store,
             lock_ttl_s=config.tokens.lock_ttl_s,
             # A holder renews its lease while Quota answers; wait for it as long as that may take.
             max_wait_s=config.quota.timeout_s + 2 * config.tokens.lock_ttl_s,

@@ -16,12 +16,13 @@ from collections.abc import Callable
 from sidecar.config import GuardsConfig
 from sidecar.guards.base import Limits, UserGuards
 from sidecar.guards.memory import MemoryUserGuards
-from sidecar.guards.redis_guards import RedisUserGuards
 from sidecar.metrics import Metrics
-from sidecar.tokens.redis_store import RedisTokenStore
+from sidecar.tokens.factory import redis_store_of
 from sidecar.tokens.store import TokenStore
 
-__all__ = ["Limits", "MemoryUserGuards", "RedisUserGuards", "UserGuards", "create_guards"]
+# RedisUserGuards is not re-exported: importing it imports redis-py, which a sidecar with the
+# memory store never needs (import it from sidecar.guards.redis_guards).
+__all__ = ["Limits", "MemoryUserGuards", "UserGuards", "create_guards"]
 
 
 def create_guards(
@@ -31,8 +32,11 @@ def create_guards(
     limits = Limits.of(config)
     if not limits.any:
         return None
-    if isinstance(store, RedisTokenStore):
+    redis_store = redis_store_of(store)
+    if redis_store is not None:
+        from sidecar.guards.redis_guards import RedisUserGuards  # imports redis-py
+
         return RedisUserGuards(
-            store.client, limits, prefix=store.prefix, clock=clock, metrics=metrics
+            redis_store.client, limits, prefix=redis_store.prefix, clock=clock, metrics=metrics
         )
     return MemoryUserGuards(limits, clock=clock, metrics=metrics)

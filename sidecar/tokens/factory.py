@@ -23,39 +23,9 @@ Construction does no network I/O: a Redis client connects on its first command (
 client discovers its nodes then, a Sentinel client its master), so a sidecar starts (and
 answers ``/readyz`` with "store unavailable") even while Redis is still coming up.
 
-Client settings, the same for every topology, and why:
-
-* ``socket_timeout`` / ``socket_connect_timeout`` 2 s: a hung or unreachable Redis becomes
-  ``StoreUnavailable`` (503 with ``Retry-After``) instead of holding requests open.
-* ``health_check_interval`` 30 s: a connection idle for longer is PINGed before use, so a
-  connection broken while idle (Redis restarted, failover, NAT timeout) is replaced quietly.
-* A small retry on connection errors only: ``REDIS_RETRIES`` extra attempts, jittered backoff
-  capped at 250 ms. redis-py 8's default is 10 retries on errors *and* timeouts, which keeps a
-  caller waiting for many seconds against a dead server (every timed-out attempt costs a full
-  ``socket_timeout``). A retry on connection errors is what heals a stale pooled connection
-  after a restart::
-
-      t0  Redis restarts; the pool still holds a socket to the old process
-      t1  command on the stale socket -> ConnectionError
-      t1  retry: redis-py drops that socket, connects afresh, resends -> answer
-
-  Measured with redis-py 8.1: a refused connection answers ``StoreUnavailable`` in ~0.2 s, a
-  server that accepts but never answers in one ``socket_timeout`` (2 s), and once Redis is back
-  the next command reconnects by itself. Timeouts are not retried: a server that did not answer
-  in 2 s will rarely answer in the next 2, and the reply of a timed-out write may have been lost
-  after the write happened. A retried write after a lost reply is harmless here anyway: a
-  repeated ``put`` writes the same fields, and a repeated compare-and-set or compare-and-delete
-  finds the version already changed and does nothing.
-
-  The cluster client (redis-py 8.1) takes only the *number* of retries from this policy: it
-  retries connection errors, timeouts and "cluster down" alike, each time after re-reading the
-  cluster's layout (which is what follows a failover), without backoff. So a node that hangs
-  costs up to ``1 + REDIS_RETRIES`` socket timeouts there (6 s), not one.
-* A pool of ``REDIS_MAX_CONNECTIONS`` per process that *waits* (up to ``REDIS_POOL_WAIT_S``)
-  when a burst needs more: redis-py 8's default pool of 100 fails at once with "Too many
-  connections", so a storm of concurrent requests for one user would get 503s although Redis
-  answers each command in microseconds. redis-py 8.1's cluster client has no waiting pool: it
-  gets ``REDIS_CLUSTER_MAX_CONNECTIONS`` per node instead, and past that fails fast.
+redis-py is imported only to check or build a Redis spec, never for ``memory``: the clients and
+their settings (timeouts, retry, pool) are in ``sidecar.tokens.redis_clients``, and
+``redis_store_of`` tells a Redis store apart without importing it.
 """
 
 from __future__ import annotations
@@ -63,31 +33,16 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import parse_qsl, unquote, urlsplit
-
-import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterNode
-from redis.asyncio.connection import BlockingConnectionPool, parse_url
-from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from sidecar.tokens.crypto import Sealer
 from sidecar.tokens.memory import MemoryTokenStore
-from sidecar.tokens.redis_store import RedisTokenStore
 from sidecar.tokens.store import TokenStore
 
-REDIS_SOCKET_TIMEOUT_S = 2.0  # a hung Redis becomes a 503, not a stuck request
-REDIS_CONNECT_TIMEOUT_S = 2.0
-REDIS_HEALTH_CHECK_INTERVAL_S = 30  # re-check connections idle longer than this before use
-REDIS_RETRIES = 2  # enough to replace a stale pooled connection, few enough to fail fast
-REDIS_RETRY_BACKOFF_BASE_S = 0.05
-REDIS_RETRY_BACKOFF_CAP_S = 0.25
-REDIS_MAX_CONNECTIONS = 100  # per process (and per server): redis-py's default pool size
-REDIS_POOL_WAIT_S = 2.0  # a burst past the pool size waits this long for a free connection
-REDIS_CLUSTER_MAX_CONNECTIONS = 1000  # per node: the cluster client cannot wait (see above)
+if TYPE_CHECKING:
+    from sidecar.tokens.redis_store import RedisTokenStore
+
 SENTINEL_DEFAULT_PORT = 26379
 CLUSTER_DEFAULT_PORT = 6379
 
@@ -119,6 +74,19 @@ def create_store(spec: str, sealer: Sealer, *, prefix: str = "quota-sidecar") ->
     return _form_of(spec).build(spec, sealer, prefix)
 
 
+def redis_store_of(store: TokenStore) -> RedisTokenStore | None:
+    """``store`` if it is a ``RedisTokenStore``, else ``None``.
+
+    Asks the store's ``name`` first, so that a memory store is told apart without importing
+    redis-py (``isinstance`` would need the class, and the class needs redis-py).
+    """
+    if store.name != "redis":
+        return None
+    from sidecar.tokens.redis_store import RedisTokenStore
+
+    return store if isinstance(store, RedisTokenStore) else None
+
+
 def check_store_spec(spec: str) -> None:
     """``ValueError``, with the message ``create_store`` would give, unless ``spec`` is accepted.
 
@@ -140,41 +108,9 @@ def _form_of(spec: str) -> _Form:
     return form
 
 
-def redis_retry() -> Retry:
-    """The retry policy every Redis client of the sidecar uses (see the module docstring)."""
-    return Retry(
-        ExponentialWithJitterBackoff(
-            base=REDIS_RETRY_BACKOFF_BASE_S, cap=REDIS_RETRY_BACKOFF_CAP_S
-        ),
-        retries=REDIS_RETRIES,
-        supported_errors=(RedisConnectionError,),  # not TimeoutError: see the module docstring
-    )
-
-
-def _client_settings() -> dict[str, Any]:
-    """Keyword arguments every Redis client and connection of the sidecar is built with."""
-    return {
-        "decode_responses": False,  # blobs are bytes
-        "socket_timeout": REDIS_SOCKET_TIMEOUT_S,
-        "socket_connect_timeout": REDIS_CONNECT_TIMEOUT_S,
-        "health_check_interval": REDIS_HEALTH_CHECK_INTERVAL_S,
-        "retry": redis_retry(),
-    }
-
-
-def _pool_settings() -> dict[str, Any]:
-    return {"max_connections": REDIS_MAX_CONNECTIONS, "timeout": REDIS_POOL_WAIT_S}
-
-
-class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
-    """The master's connections, found through the sentinels, in a pool that waits when full.
-
-    redis-py has a waiting pool and a Sentinel pool but no pool that is both; the two override
-    disjoint methods (connection hand-out vs. master discovery), so they combine.
-    """
-
-
 def _check_standalone(url: str) -> None:
+    from redis.asyncio.connection import parse_url
+
     try:
         parse_url(url)  # redis-py's own parser: its messages name an option, never a password
     except ValueError as exc:
@@ -183,11 +119,12 @@ def _check_standalone(url: str) -> None:
 
 def _standalone_redis(url: str, sealer: Sealer, prefix: str) -> TokenStore:
     _check_standalone(url)
-    pool = aioredis.BlockingConnectionPool.from_url(url, **_pool_settings(), **_client_settings())
-    return RedisTokenStore(aioredis.Redis.from_pool(pool), sealer, prefix=prefix)
+    from sidecar.tokens import redis_clients
+
+    return redis_clients.standalone_store(url, sealer, prefix)
 
 
-def _parse_sentinel(url: str) -> tuple[_MultiHostUrl, str, int]:
+def _parse_sentinel(url: str) -> tuple[MultiHostUrl, str, int]:
     """The sentinels, the master's service name and the database number."""
     parsed = _parse_multi_host(url, "sentinel", SENTINEL_DEFAULT_PORT, extra=_SENTINEL_OPTIONS)
     service_name, db = _sentinel_path(parsed.path)
@@ -199,33 +136,14 @@ def _parse_sentinel(url: str) -> tuple[_MultiHostUrl, str, int]:
 
 def _sentinel_redis(url: str, sealer: Sealer, prefix: str) -> TokenStore:
     parsed, service_name, db = _parse_sentinel(url)
-    credentials: dict[str, Any] = {"username": parsed.username, "password": parsed.password}
-    sentinel_credentials = credentials
-    if "sentinel_password" in parsed.options:
-        sentinel_credentials = {
-            "username": parsed.options.get("sentinel_username"),
-            "password": parsed.options["sentinel_password"],
-        }
-    tls = _tls_settings(parsed)
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
-        parsed.hosts,
-        # The sentinels' own clients: same timeouts and retry, their own credentials.
-        sentinel_kwargs={**_client_settings(), **sentinel_credentials, **tls},
+    from sidecar.tokens import redis_clients
+
+    return redis_clients.sentinel_store(
+        parsed, service_name, db, _tls_settings(parsed), sealer, prefix
     )
-    client: aioredis.Redis = sentinel.master_for(
-        service_name,
-        connection_pool_class=_BlockingSentinelPool,
-        **_pool_settings(),
-        **_client_settings(),
-        **credentials,
-        **tls,
-        db=db,
-    )
-    # Closing the master's client leaves the sentinels' connections open: the store closes both.
-    return RedisTokenStore(client, sealer, prefix=prefix, on_close=sentinel.aclose)
 
 
-def _parse_cluster(url: str) -> _MultiHostUrl:
+def _parse_cluster(url: str) -> MultiHostUrl:
     parsed = _parse_multi_host(url, "cluster", CLUSTER_DEFAULT_PORT)
     if parsed.path.strip("/") not in ("", "0"):
         raise _form_error("a Redis Cluster has database 0 only; drop the path after the hosts")
@@ -235,19 +153,13 @@ def _parse_cluster(url: str) -> _MultiHostUrl:
 
 def _cluster_redis(url: str, sealer: Sealer, prefix: str) -> TokenStore:
     parsed = _parse_cluster(url)
-    client = aioredis.RedisCluster(
-        startup_nodes=[ClusterNode(host, port) for host, port in parsed.hosts],
-        max_connections=REDIS_CLUSTER_MAX_CONNECTIONS,
-        username=parsed.username,
-        password=parsed.password,
-        **_client_settings(),
-        **_tls_settings(parsed),
-    )
-    return RedisTokenStore(client, sealer, prefix=prefix)
+    from sidecar.tokens import redis_clients
+
+    return redis_clients.cluster_store(parsed, _tls_settings(parsed), sealer, prefix)
 
 
 @dataclass(frozen=True, slots=True)
-class _MultiHostUrl:
+class MultiHostUrl:
     """``scheme://[user:pass@]host[:port],host[:port]…/path?options``, taken apart."""
 
     tls: bool
@@ -258,12 +170,12 @@ class _MultiHostUrl:
     options: Mapping[str, str]
 
     def __repr__(self) -> str:  # never shows the password
-        return f"_MultiHostUrl(tls={self.tls}, hosts={self.hosts}, path={self.path!r})"
+        return f"MultiHostUrl(tls={self.tls}, hosts={self.hosts}, path={self.path!r})"
 
 
 def _parse_multi_host(
     url: str, kind: str, default_port: int, *, extra: tuple[str, ...] = ()
-) -> _MultiHostUrl:
+) -> MultiHostUrl:
     """Take a ``redis[s]+<kind>://`` URL apart; ``ValueError`` naming the part that is wrong.
 
     Messages name a part (a host's position, an option's name), never the URL: it may hold a
@@ -289,7 +201,7 @@ def _parse_multi_host(
         if name in options:
             raise _form_error(f"option {name!r} is given twice in the {kind} URL")
         options[name] = value
-    return _MultiHostUrl(
+    return MultiHostUrl(
         tls=parts.scheme.lower().startswith("rediss+"),
         username=unquote(username) or None,
         password=unquote(password) if has_password and password else None,
@@ -335,7 +247,7 @@ def _sentinel_path(path: str) -> tuple[str, int]:
     return service_name, int(db_text)
 
 
-def _tls_settings(parsed: _MultiHostUrl) -> dict[str, Any]:
+def _tls_settings(parsed: MultiHostUrl) -> dict[str, Any]:
     tls_options = {name: value for name, value in parsed.options.items() if name in _TLS_OPTIONS}
     if not parsed.tls:
         if tls_options:

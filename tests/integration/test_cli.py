@@ -1,7 +1,9 @@
-"""The command line: every command has help; run serves and stops cleanly on SIGTERM."""
+"""The command line: every command has help; run serves and stops cleanly on SIGTERM, and
+imports neither redis-py (unless the store is Redis) nor the other commands' modules."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -12,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from sidecar.cli import loop_factory
+from sidecar.cli import build_parser, loop_factory, main
 from tests.integration.conftest import free_port
 
 COMMANDS = [
@@ -39,6 +41,29 @@ def test_every_command_has_help(command: list[str]) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "usage: quota-sidecar" in result.stdout
+
+
+def _help_of(
+    parser: argparse.ArgumentParser, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> str:
+    with pytest.raises(SystemExit):
+        parser.parse_args([*argv, "--help"])
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [[], *[[c] for c in COMMANDS]])
+def test_help_reads_the_same_when_only_the_command_given_has_its_options(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    full = _help_of(build_parser(), command, capsys)
+    assert _help_of(build_parser(command[0] if command else "run"), command, capsys) == full
+
+
+def test_main_parses_the_options_of_the_command_it_is_given(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["gen-secret", "--count", "2"]) == 0
+    assert len(capsys.readouterr().out.split()) == 2
 
 
 def test_the_console_script_is_installed() -> None:
@@ -136,3 +161,65 @@ def test_an_unknown_loop_or_a_missing_uvloop_is_a_clear_error(
     assert loop_factory("auto") == ("asyncio", None)
     with pytest.raises(ValueError, match=r"pip install 'quota-sidecar\[fast\]'"):
         loop_factory("uvloop")
+
+
+# ``run`` as shipped, reporting what it imported once both listeners are up, then stopping.
+_RUN_AND_LIST_IMPORTS = """
+import os, signal, sys
+from sidecar import app, cli
+
+start = app.Sidecar.start
+
+async def started(self, *args, **kwargs):
+    await start(self, *args, **kwargs)
+    names = ("redis", "hiredis", "sidecar.demo", "sidecar.mock_quota", "sidecar.setup",
+             "sidecar.doctor")
+    found = sorted(m for m in sys.modules if m.split(".")[0] in names or m.startswith(names))
+    print("imported:", " ".join(found) or "-", flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+app.Sidecar.start = started
+sys.exit(cli.main(["run"]))
+"""
+
+
+def _imports_of_run(tmp_path: Path, **env: str) -> set[str]:
+    result = subprocess.run(
+        [sys.executable, "-c", _RUN_AND_LIST_IMPORTS],
+        env={
+            "PATH": os.environ.get("PATH", ""),
+            "QUOTA_CLIENT_ID": "c",
+            "QUOTA_CLIENT_SECRET": "s",
+            "SESSION_SECRET": "x" * 32,
+            "QUOTA_SIDECAR__LISTEN__PUBLIC": f"127.0.0.1:{free_port()}",
+            "QUOTA_SIDECAR__LISTEN__INTERNAL": f"127.0.0.1:{free_port()}",
+            "QUOTA_SIDECAR__LISTEN__ADMIN": f"127.0.0.1:{free_port()}",
+            "QUOTA_SIDECAR__UPSTREAM__URL": f"http://127.0.0.1:{free_port()}",
+            "QUOTA_SIDECAR__SHUTDOWN__DRAIN_DELAY_S": "0",
+            **env,
+        },
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    listed = next(line for line in result.stdout.splitlines() if line.startswith("imported:"))
+    return set(listed.split()[1:]) - {"-"}
+
+
+def test_run_with_the_memory_store_never_imports_redis_or_the_other_commands(
+    tmp_path: Path,
+) -> None:
+    assert _imports_of_run(tmp_path) == set()
+
+
+async def test_run_with_a_redis_store_imports_redis_and_still_not_the_other_commands(
+    tmp_path: Path, redis_url: str, redis_prefix: str
+) -> None:
+    imported = _imports_of_run(
+        tmp_path, REDIS_URL=redis_url, QUOTA_SIDECAR__TOKENS__KEY_PREFIX=redis_prefix
+    )
+    assert {"redis", "redis.asyncio"} <= imported  # the listing sees redis-py when it is there
+    assert not {name for name in imported if name.startswith("sidecar.")}

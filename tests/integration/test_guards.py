@@ -23,8 +23,9 @@ from sidecar.app import Sidecar
 from sidecar.config import GuardsConfig, ListenConfig
 from sidecar.config_loader import ConfigError, build_config
 from sidecar.errors import SpendLimitReached, TooManyStreams
-from sidecar.guards import Limits, MemoryUserGuards, RedisUserGuards, UserGuards
+from sidecar.guards import Limits, MemoryUserGuards, UserGuards
 from sidecar.guards.base import seconds_left, window_start
+from sidecar.guards.redis_guards import RedisUserGuards
 from sidecar.metrics import Metrics
 from sidecar.mock_quota.catalog import find_model, reply_for, reply_words
 from sidecar.services import make_sealer, open_services

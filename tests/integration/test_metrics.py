@@ -185,3 +185,42 @@ async def test_the_access_log_line_names_route_user_bytes_and_durations(
     auth = [r for r in access_lines if getattr(r, "route", None) == "auth"]
     assert {r.__dict__["listener"] for r in auth} == {"public"}
     assert all(r.__dict__["user"] == stack.user_key("alice")[:16] for r in auth)
+
+
+@pytest.mark.parametrize("config_overrides", [{"identity": {"internal_api_key": "k" * 40}}])
+async def test_a_refused_api_key_is_rendered_with_the_request_id_and_counted_as_401(
+    stack: Stack,
+) -> None:
+    resp = await stack.backend.get(
+        f"{stack.internal_url}/v1/models",
+        headers={"X-Quota-User": "alice", "Authorization": "Bearer wrong", "X-Request-Id": "r-1"},
+    )
+    assert resp.status == 401
+    assert resp.headers["X-Request-Id"] == "r-1"
+    error = (await resp.json())["error"]
+    assert (error["code"], error["request_id"]) == ("invalid_api_key", "r-1")
+    await wait_for_value(
+        stack.admin_url,
+        "quota_sidecar_requests_total",
+        1,
+        listener="internal",
+        route="v1",
+        status="401",
+    )
+
+
+async def test_a_client_that_leaves_mid_stream_is_counted_as_499(stack: Stack) -> None:
+    await stack.connect("alice")
+    stack.quota.settings.chunk_delay_s = 0.2
+    resp = await stack.chat("alice", stream=True)
+    assert (await anext(sse_events(resp))).startswith("data: ")
+    resp.close()  # the client leaves; the sidecar's handler is cancelled
+    final = await wait_for_value(
+        stack.admin_url,
+        "quota_sidecar_requests_total",
+        1,
+        listener="internal",
+        route="v1",
+        status="499",
+    )
+    assert final.value("quota_sidecar_open_streams", listener="internal", route="v1") == 0

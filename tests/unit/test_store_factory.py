@@ -22,18 +22,19 @@ from redis.asyncio.connection import (
 )
 from redis.asyncio.sentinel import SentinelConnectionPool, SentinelManagedSSLConnection
 
+from sidecar.metrics import Metrics
+from sidecar.tokens.counted import CountedStore
 from sidecar.tokens.crypto import Sealer
-from sidecar.tokens.factory import (
+from sidecar.tokens.factory import check_store_spec, create_store, redis_store_of
+from sidecar.tokens.memory import MemoryTokenStore
+from sidecar.tokens.redis_clients import (
     REDIS_CLUSTER_MAX_CONNECTIONS,
     REDIS_CONNECT_TIMEOUT_S,
     REDIS_MAX_CONNECTIONS,
     REDIS_POOL_WAIT_S,
     REDIS_RETRIES,
     REDIS_SOCKET_TIMEOUT_S,
-    check_store_spec,
-    create_store,
 )
-from sidecar.tokens.memory import MemoryTokenStore
 from sidecar.tokens.redis_store import RedisTokenStore
 
 Build = Callable[[str], RedisTokenStore]
@@ -92,6 +93,14 @@ def test_check_store_spec_accepts_every_form_create_store_builds(spec: str) -> N
 
 def test_memory_builds_the_in_process_store() -> None:
     assert isinstance(create_store("memory", Sealer([secrets.token_bytes(32)])), MemoryTokenStore)
+
+
+async def test_redis_store_of_tells_a_redis_store_from_others(build: Build) -> None:
+    redis_store = build("redis://127.0.0.1:6379/0")
+    assert redis_store_of(redis_store) is redis_store
+    assert redis_store_of(MemoryTokenStore(Sealer([secrets.token_bytes(32)]))) is None
+    # A store that only calls itself "redis" is not taken for one.
+    assert redis_store_of(CountedStore(redis_store, Metrics())) is None
 
 
 @pytest.mark.parametrize(
