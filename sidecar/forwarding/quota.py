@@ -100,7 +100,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     async def attempt(access_token: str) -> aiohttp.ClientResponse:
         return await send(
             request,
-            services.quota_http,
+            services.quota_forward,
             url,
             outgoing_headers(request, services, access_token),
             data=body,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Union
@@ -33,6 +34,7 @@ from sidecar.errors import (
     UpstreamUnavailable,
 )
 from sidecar.forwarding.headers import filter_headers
+from sidecar.observe import ObservedSession
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +187,7 @@ def _idle_from_now(response: aiohttp.ClientResponse, idle_s: float) -> None:
 
 async def send(
     request: web.Request,
-    http: aiohttp.ClientSession,
+    session: ObservedSession,
     url: URL,
     headers: CIMultiDict[str],
     *,
@@ -195,17 +197,26 @@ async def send(
 ) -> aiohttp.ClientResponse:
     """Send the request on; failures before an answer raise ``unavailable(detail)``, and no
     answer within ``timeout.first_byte_s`` its 504 form (the call is cancelled: aiohttp closes
-    the connection)."""
+    the connection). The call is stamped with the request id and timed to its answer's headers
+    here (``session.calls``), as the traced sessions' calls are by their trace."""
+    calls = session.calls
+    calls.stamp(headers)
+    call = calls.classify(url)
+    started = time.perf_counter()
     try:
-        response = await http.request(
-            request.method,
-            url,
-            headers=headers,
-            data=data,
-            allow_redirects=False,
-            timeout=timeout.client_timeout(),
-            skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
-        )
+        try:
+            response = await session.http.request(
+                request.method,
+                url,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                timeout=timeout.client_timeout(),
+                skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
+            )
+        except BaseException as exc:
+            calls.failed(call, started, exc)
+            raise
     except (PayloadTooLarge, RequestBodyTimeout):
         raise
     except (aiohttp.ClientError, TimeoutError) as exc:
@@ -215,6 +226,7 @@ async def send(
             waited = f"no answer {timeout.first_byte_s:g} s after the request was sent"
             raise unavailable(f"{request.method} {url.host}: {waited}").timed_out() from None
         raise unavailable(f"{request.method} {url.host}: {type(exc).__name__}") from None
+    calls.answered(call, started)
     _idle_from_now(response, timeout.idle_s)
     return response
 
@@ -269,7 +281,7 @@ async def stream_back(
 
 async def relay(
     request: web.Request,
-    http: aiohttp.ClientSession,
+    session: ObservedSession,
     url: URL,
     headers: CIMultiDict[str],
     *,
@@ -279,6 +291,6 @@ async def relay(
 ) -> web.StreamResponse:
     """Send the request to ``url`` and stream the response back to ``request``'s client."""
     upstream = await send(
-        request, http, url, headers, timeout=timeout, unavailable=unavailable, data=data
+        request, session, url, headers, timeout=timeout, unavailable=unavailable, data=data
     )
     return await stream_back(request, upstream)
