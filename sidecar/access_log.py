@@ -49,13 +49,25 @@ class AccessLogger(AbstractAccessLogger):
             "user": timing.user_key if timing else None,
             "remote": request.remote,
         }
-        self.logger.info(
+        # The record is made here rather than by ``logger.info``: that would walk the stack for
+        # the caller's file and line (which no format here writes) and copy every field in one
+        # by one, checking each against the record's own attributes (none of them clashes).
+        logger = self.logger
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        record = logger.makeRecord(
+            logger.name,
+            logging.INFO,
+            __file__,
+            0,
             "%s %s %s",
-            fields["method"],
-            path,
-            response.status,
-            extra={**fields, SAFE_FIELDS: fields},
+            (fields["method"], path, response.status),
+            None,
+            "log",
         )
+        record.__dict__.update(fields)
+        setattr(record, SAFE_FIELDS, fields)
+        logger.handle(record)
 
     @property
     def enabled(self) -> bool:
