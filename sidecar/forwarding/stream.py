@@ -109,14 +109,19 @@ async def replayable_body(
         return None, True
     if max_bytes and request.content_length is not None and request.content_length > max_bytes:
         raise PayloadTooLarge(detail=f"declared {request.content_length} bytes")
+    content = request.content
     chunks: list[bytes] = []
     size = 0
     while True:
-        try:
-            async with asyncio.timeout(idle_s or None):
-                chunk = await request.content.readany()
-        except TimeoutError:
-            raise RequestBodyTimeout(detail=f"after {size} bytes") from None
+        # What has arrived already is taken without a wait, so without a timer: a small body
+        # usually comes in the same read as the head.
+        chunk = content.read_nowait()
+        if not chunk and not content.is_eof():
+            try:
+                async with asyncio.timeout(idle_s or None):
+                    chunk = await content.readany()
+            except TimeoutError:
+                raise RequestBodyTimeout(detail=f"after {size} bytes") from None
         if not chunk:
             return b"".join(chunks), True
         chunks.append(chunk)
@@ -124,7 +129,7 @@ async def replayable_body(
         if max_bytes and size > max_bytes:
             raise PayloadTooLarge
         if size > limit:
-            rest = _then_rest(chunks, request.content)
+            rest = _then_rest(chunks, content)
             if max_bytes or idle_s:
                 return CountedBody(rest, max_bytes, idle_s), False
             return rest, False
