@@ -22,7 +22,7 @@ from sidecar.forwarding.headers import FORWARDED, filter_headers
 from sidecar.forwarding.stream import replayable_body, send, stream_back, stream_timeout
 from sidecar.forwarding.websocket import is_upgrade, relay_websocket
 from sidecar.guards.metered import metered, watch_usage
-from sidecar.identity import header_identity
+from sidecar.identity import header_user_key
 from sidecar.routes import topup
 from sidecar.services import SERVICES, Services
 
@@ -73,7 +73,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     before any byte of the answer went to the client; otherwise Quota's 401 passes through.
     """
     services = request.app[SERVICES]
-    user_key = services.user_key(header_identity(request, services))
+    user_key = header_user_key(request, services)
     url = quota_url(
         services.config.quota.base_url, request.rel_url.raw_path, request.rel_url.raw_query_string
     )
