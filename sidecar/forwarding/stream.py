@@ -16,10 +16,11 @@ Timeouts fit streams (``StreamTimeouts``); there is never a total::
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
 
 import aiohttp
@@ -155,23 +156,29 @@ class StreamTimeouts:
     connect_s: float
     first_byte_s: float
     idle_s: float
+    _client: aiohttp.ClientTimeout = field(init=False, repr=False, compare=False)
 
-    def client_timeout(self) -> aiohttp.ClientTimeout:
+    def __post_init__(self) -> None:
         # aiohttp starts sock_read once the request is fully written and restarts it on every
         # read: until the headers it is the first-byte wait; ``send`` then sets it to idle_s.
-        return aiohttp.ClientTimeout(
+        client = aiohttp.ClientTimeout(
             total=None,
             connect=self.connect_s,
             sock_connect=self.connect_s,
             sock_read=self.first_byte_s,
         )
+        object.__setattr__(self, "_client", client)
+
+    def client_timeout(self) -> aiohttp.ClientTimeout:
+        return self._client
 
 
+@functools.lru_cache(maxsize=16)
 def stream_timeout(
     connect_s: float, idle_s: float, first_byte_s: float | None = None
 ) -> StreamTimeouts:
     """Timeouts for one relayed exchange; without ``first_byte_s`` the wait for the answer is
-    ``idle_s`` too."""
+    ``idle_s`` too. The same settings give the same (immutable) object, made once."""
     return StreamTimeouts(
         connect_s=connect_s,
         first_byte_s=idle_s if first_byte_s is None else first_byte_s,
