@@ -243,6 +243,13 @@ async def send(
     return response
 
 
+class _WholeResponse(web.StreamResponse):
+    """A streamed response whose headers wait for its first body bytes (or its end) and leave
+    in the same write, as ``web.Response``'s do: for an answer with nothing left to wait for."""
+
+    _send_headers_immediately = False
+
+
 async def stream_back(
     request: web.Request,
     upstream: aiohttp.ClientResponse,
@@ -261,7 +268,10 @@ async def stream_back(
         out = filter_headers(upstream.headers, drop=_RESPONSE_DROP)
         if adjust_response is not None:
             adjust_response(out, upstream)
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=out)
+        # An answer already in whole (a small JSON body comes with its headers) leaves in one
+        # write; otherwise the headers go at once and the body follows as it comes.
+        kind = _WholeResponse if upstream.content.is_eof() else web.StreamResponse
+        response = kind(status=upstream.status, reason=upstream.reason, headers=out)
         length = upstream.headers.get("Content-Length")
         if length is not None and length.isdigit():
             # Bodies pass through undecoded, so the target's length stays exact.
