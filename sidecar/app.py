@@ -175,7 +175,7 @@ class Sidecar:
             await runner.setup()
             self.runners.append(runner)
             host, port = split_host_port(address)
-            site = web.TCPSite(runner, host, port, reuse_address=True)
+            site = web.TCPSite(runner, host, port, reuse_address=True, backlog=cfg.limits.backlog)
             await site.start()
             self.urls[name] = _bound_url(runner, host)
             log.info("%s listener on %s", name, self.urls[name])

@@ -127,6 +127,7 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
         ),
         ({"identity": {"header": "Cookie"}}, "identity.header: 'Cookie' is not usable"),
         ({"upstream": {"url": "http://app:3000?x=1"}}, "upstream.url: must not carry a query"),
+        ({"limits": {"backlog": 0}}, "limits.backlog: must be greater than 0, got 0"),
         ({"colours": {}}, "colours: unknown section"),
         ({"quota": "x"}, "quota: must be a mapping"),
     ],
