@@ -211,7 +211,7 @@ class Metrics:
         )
         self.quota_duration = Histogram(
             f"{PREFIX}_quota_request_duration_seconds",
-            "Quota's time to answer a call (until its response headers), by call kind.",
+            "Quota's time to answer a call (request sent to answer's headers read), by call kind.",
             ["call"],
             buckets=REMOTE_BUCKETS,
             registry=r,
@@ -225,7 +225,7 @@ class Metrics:
         )
         self.app_duration = Histogram(
             f"{PREFIX}_app_request_duration_seconds",
-            "The host app's time to answer (until its response headers): identity probe or proxy.",
+            "The host app's time to answer (request sent to answer's headers read): probe or proxy.",
             ["call"],
             buckets=REMOTE_BUCKETS,
             registry=r,

@@ -2,10 +2,12 @@
 
 Added latency, measured: the ``observe`` middleware notes when a request's handler starts; the
 ``on_response_prepare`` hook notes when its response headers go out; and ``OutgoingCalls`` adds
-up, for the request being handled, the time spent waiting for Quota or the host app to answer —
-from sending a call to receiving its response headers (the identity probe, a token refresh, the
-forwarded call itself). A client trace tells it of every call through the Quota and host-app
-sessions; the forwarders tell it themselves, around each call they send::
+up, for the request being handled, the time spent waiting for Quota or the host app to answer
+(the identity probe, a token refresh, the forwarded call itself), as each call's connection saw
+it: from the request's last byte written to the answer's headers read (``sidecar.wire_times``),
+so that time the busy event loop spent on other requests around the call is the sidecar's. A
+client trace tells it of every call through the Quota and host-app sessions; the forwarders tell
+it themselves, around each call they send::
 
     added = (time to the response headers) - (time waiting for Quota or the app to answer)
 
@@ -37,6 +39,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from yarl import URL
 
 from sidecar import log as sidecar_log
+from sidecar import wire_times
 from sidecar.metrics import Metrics, status_label
 
 # nginx's convention for "the client closed the connection before the answer".
@@ -238,15 +241,15 @@ class OutgoingCalls:
         if rid != "-":
             headers["X-Request-Id"] = rid
 
-    def answered(self, call: str, started: float) -> None:
+    def answered(self, call: str, started: float, response: aiohttp.ClientResponse) -> None:
         """The answer's headers are in: the wait counts for the request being handled."""
         child = self._durations.get(call)
         if child is None:
             child = self._durations[call] = self._duration.labels(call)
-        child.observe(_waited(started))
+        child.observe(_charge(wire_times.waited(response, started, time.perf_counter())))
 
     def failed(self, call: str, started: float, exc: BaseException) -> None:
-        _waited(started)
+        _charge(time.perf_counter() - started)
         if isinstance(exc, TimeoutError):
             self._errors.labels(call, "timeout").inc()
         elif isinstance(exc, aiohttp.ClientError | OSError):
@@ -254,12 +257,12 @@ class OutgoingCalls:
         # Anything else (a cancelled call, a body refused as too large) is not the remote's fault.
 
 
-def _waited(started: float) -> float:
-    elapsed = time.perf_counter() - started
+def _charge(waited: float) -> float:
+    """Count ``waited`` as time the request being handled spent waiting for a remote."""
     timing = _current.get()
     if timing is not None:
-        timing.upstream_s += elapsed
-    return elapsed
+        timing.upstream_s += waited
+    return waited
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,7 +295,7 @@ def client_trace(calls: OutgoingCalls) -> aiohttp.TraceConfig:
         ctx: SimpleNamespace,
         params: aiohttp.TraceRequestEndParams,
     ) -> None:
-        calls.answered(ctx.call, ctx.started)
+        calls.answered(ctx.call, ctx.started, params.response)
 
     async def on_exception(
         session: aiohttp.ClientSession,

@@ -36,6 +36,7 @@ from sidecar.tokens.lock import RedisRefreshCoordinator
 from sidecar.tokens.manager import RefreshCoordinator, TokenManager
 from sidecar.tokens.redis_store import RedisTokenStore
 from sidecar.tokens.store import TokenStore
+from sidecar.wire_times import TimedResponse, timed_connector
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ def _client_session(
         timeout=aiohttp.ClientTimeout(total=None),
         cookie_jar=aiohttp.DummyCookieJar(),
         trace_configs=[trace] if trace is not None else None,
+        response_class=TimedResponse,  # the wait for the remote, as the connection saw it
     )
 
 
@@ -98,7 +100,7 @@ def _sessions(
     limit: int, calls: observe.OutgoingCalls
 ) -> tuple[aiohttp.ClientSession, observe.ObservedSession]:
     """One pool for a target: a traced session for every call, an untraced one to forward."""
-    connector = aiohttp.TCPConnector(limit=limit, ttl_dns_cache=60, enable_cleanup_closed=True)
+    connector = timed_connector(limit=limit, ttl_dns_cache=60, enable_cleanup_closed=True)
     traced = _client_session(connector, owner=True, trace=observe.client_trace(calls))
     return traced, observe.ObservedSession(_client_session(connector, owner=False), calls)
 

@@ -238,7 +238,7 @@ async def send(
             waited = f"no answer {timeout.first_byte_s:g} s after the request was sent"
             raise unavailable(f"{request.method} {url.host}: {waited}").timed_out() from None
         raise unavailable(f"{request.method} {url.host}: {type(exc).__name__}") from None
-    calls.answered(call, started)
+    calls.answered(call, started, response)
     _idle_from_now(response, timeout.idle_s)
     return response
 
