@@ -44,17 +44,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    GCCollector,
-    Histogram,
-    PlatformCollector,
-    ProcessCollector,
-)
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
 from sidecar import __version__
+
+# The instruments: prometheus_client's exposition, updated without a lock (sidecar.instruments).
+from sidecar.instruments import Counter, CounterChild, Gauge, Histogram
 
 PREFIX = "quota_sidecar"
 
@@ -366,8 +361,10 @@ class Metrics:
             self.usage_billed.labels(endpoint)
         for code in GUARD_CODES:
             self.guard_rejections.labels(code)
-        self._usage_children: dict[str, tuple[Counter, Counter, Counter, Counter]] = {}
-        self._unread_children: dict[tuple[str, str], tuple[Counter, Counter]] = {}
+        self._usage_children: dict[
+            str, tuple[CounterChild, CounterChild, CounterChild, CounterChild]
+        ] = {}
+        self._unread_children: dict[tuple[str, str], tuple[CounterChild, CounterChild]] = {}
         # Zero series for the fixed label sets, so rates and alerts exist before the first event.
         for outcome in REFRESH_OUTCOMES:
             self.refreshes.labels(outcome)

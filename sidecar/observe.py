@@ -35,11 +35,11 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
-from prometheus_client import Counter, Gauge, Histogram
 from yarl import URL
 
 from sidecar import log as sidecar_log
 from sidecar import wire_times
+from sidecar.instruments import Counter, GaugeChild, Histogram
 from sidecar.metrics import Metrics, status_label
 
 # nginx's convention for "the client closed the connection before the answer".
@@ -68,7 +68,7 @@ class Timing:
     headers_s: float | None = None
     added_s: float | None = None
     handler_done: bool = False
-    gauge: Gauge | None = None  # the open-streams or WebSocket gauge this request holds
+    gauge: GaugeChild | None = None  # the open-streams or WebSocket gauge this request holds
     user_key: str | None = None
 
     def finish(self, children: ListenerMetrics, status: int) -> None:
@@ -167,19 +167,21 @@ def prepare_hook(
     handler returns.
     """
 
+    gauges: dict[tuple[bool, str, str], GaugeChild] = {}  # bound once per label set
+
     async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
         timing = request.get(TIMING)
         if timing is None or timing.headers_s is not None:
             return
         timing.headers_s = time.perf_counter() - timing.started
         if not timing.handler_done:
-            family = (
-                metrics.websockets
-                if isinstance(response, web.WebSocketResponse)
-                else metrics.open_streams
-            )
-            timing.gauge = family.labels(timing.listener, timing.route)
-            timing.gauge.inc()
+            key = (isinstance(response, web.WebSocketResponse), timing.listener, timing.route)
+            gauge = gauges.get(key)
+            if gauge is None:
+                family = metrics.websockets if key[0] else metrics.open_streams
+                gauge = gauges[key] = family.labels(timing.listener, timing.route)
+            timing.gauge = gauge
+            gauge.inc()
 
     return on_prepare
 
