@@ -19,6 +19,8 @@ from sidecar.observe import TIMING
 
 ACCESS_LOGGER = logging.getLogger("sidecar.access")
 LISTENER = web.AppKey("listener", str)
+# Methods written as they are; nothing else a client may put there goes unmasked.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -30,10 +32,16 @@ class AccessLogger(AbstractAccessLogger):
         )
         path = redact(raw_path)
         timing = request.get(TIMING)
+        request_id = request.get(REQUEST_ID, "-")
+        if request_id == request.headers.get("X-Request-Id"):  # the client's (else hex of ours)
+            request_id = redact(request_id)
+        method = request.method
+        if method not in _METHODS:  # any other token a client sent
+            method = redact(method)
         fields = {
-            "request_id": redact(request.get(REQUEST_ID, "-")),
+            "request_id": request_id,
             "listener": request.app.get(LISTENER, "-") if isinstance(request, web.Request) else "-",
-            "method": redact(request.method),
+            "method": method,
             "path": path,
             "status": response.status,
             "bytes": response.body_length,
