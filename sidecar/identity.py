@@ -39,11 +39,7 @@ _NAMED = web.RequestKey("named_user", _Named)
 
 def valid_user_id(value: str, max_length: int) -> bool:
     """1..max_length visible characters (spaces inside allowed), no control characters."""
-    return (
-        0 < len(value) <= max_length
-        and value == value.strip()
-        and all(ch.isprintable() for ch in value)
-    )
+    return 0 < len(value) <= max_length and value == value.strip() and value.isprintable()
 
 
 def header_identity(request: web.Request, services: Services) -> str:

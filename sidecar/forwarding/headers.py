@@ -34,6 +34,7 @@ FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+@functools.lru_cache(maxsize=1024)  # the names a deployment sees are few and come again
 def fold(name: str) -> str:
     """The form under which two header names count as the same (case, ``_`` vs ``-``)."""
     return name.strip().lower().replace("_", "-")
