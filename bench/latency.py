@@ -19,6 +19,7 @@ and every process (load generator included) shares the machine's CPUs.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import os
 import shutil
@@ -30,7 +31,7 @@ from typing import Any
 from bench import load
 from bench.http1 import Client, build_request
 from bench.procs import cpu_seconds, cpus, pinned
-from bench.rig import CHAT_BODY, CHAT_PATH, TARGET_NAMES, Rig, chat_headers
+from bench.rig import CHAT_BODY, CHAT_PATH, SIDECARS, TARGET_NAMES, Rig, chat_headers
 from bench.stats import added, ratio, summary_ms
 
 BLOCK = 50  # requests per target before moving to the next one
@@ -117,6 +118,16 @@ class LoadRunner:
     def run(
         self, name: str, concurrency: int, duration_s: float, *, generator_cpu: int | None = None
     ) -> load.LoadResult:
+        pids = self.rig.targets[name].pids
+        used = cpu_seconds(pids)
+        result = self._load(name, concurrency, duration_s, generator_cpu)
+        cpu_s = cpu_seconds(pids) - used
+        per_call = round(cpu_s / result.requests * 1e6, 1) if result.requests else None
+        return dataclasses.replace(result, cpu_us_per_call=per_call)
+
+    def _load(
+        self, name: str, concurrency: int, duration_s: float, generator_cpu: int | None
+    ) -> load.LoadResult:
         port = self.rig.targets[name].port
         if self.wrk is not None:
             prefix: list[str] = []
@@ -189,21 +200,35 @@ def one_core(runner: LoadRunner, *, concurrency: int, duration_s: float) -> dict
 
 
 def throughput_summary(
-    all_cores: dict[str, Any], single: dict[str, Any], tool: str
+    all_cores: dict[str, Any], single: dict[str, Any], tool: str, *, floor: str | None = None
 ) -> dict[str, Any]:
-    """Billed calls per second, and each proxy's share of nginx's on the same cores."""
+    """Billed calls per second, each proxy's share of nginx's on the same cores, and CPU per call
+    beside the aiohttp floor on the sidecars' event loop (``floor``, a target name)."""
 
     def rps(block: dict[str, Any], name: str) -> float | None:
         found = block.get("by_target", {}).get(name)
         return None if found is None else float(found["rps"])
 
+    def cpu(block: dict[str, Any], name: str) -> float | None:
+        found = block.get("by_target", {}).get(name)
+        return None if found is None else found.get("cpu_us_per_call")
+
     every = {name: rps(all_cores, name) for name in TARGET_NAMES}
     one = {name: rps(single, name) for name in TARGET_NAMES}
+    cpu_one = {name: cpu(single, name) for name in TARGET_NAMES}
+    cpu_every = {name: cpu(all_cores, name) for name in TARGET_NAMES}
+    floor_cpu = cpu_one.get(floor) if floor is not None else None
     return {
         "tool": tool,
         "all_cores_rps": every,
         "one_core_rps": one,
         "vs_nginx_all_cores": {n: ratio(every[n], every["nginx"]) for n in TARGET_NAMES},
         "vs_nginx_one_core": {n: ratio(one[n], one["nginx"]) for n in TARGET_NAMES},
+        "cpu_us_per_call_one_core": cpu_one,
+        "cpu_us_per_call_all_cores": cpu_every,
+        # The sidecar's CPU per call as a multiple of the bare aiohttp stack's: 1.0 would mean
+        # that everything it spends is the stack's price, nothing its own.
+        "floor": floor,
+        "cpu_vs_floor_one_core": {n: ratio(cpu_one[n], floor_cpu) for n in SIDECARS},
         "note": "the load generator and the stub run on the same two cores as the proxy",
     }

@@ -35,6 +35,8 @@ class LoadResult:
     p90_ms: float
     p99_ms: float
     max_ms: float
+    # CPU the target's own processes spent per completed call (set by the caller, who knows them).
+    cpu_us_per_call: float | None = None
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)

@@ -262,6 +262,9 @@ def table_rows(r: dict[str, Any]) -> list[list[str]]:
         _row("req/s, one core (c64)", col(("throughput", "one_core_rps")), 0),
         _row("  share of nginx, all cores", col(("throughput", "vs_nginx_all_cores"))),
         _row("  share of nginx, one core", col(("throughput", "vs_nginx_one_core"))),
+        _row("CPU per call, one core (µs)", col(("throughput", "cpu_us_per_call_one_core")), 1),
+        _row("  times the aiohttp floor", col(("throughput", "cpu_vs_floor_one_core")), 2),
+        _row("CPU per call, sequential (µs)", col(seq, "cpu_us_per_call"), 1),
     ]
     sse, sse_added = ("sse", "by_target"), ("sse", "added")
     rows += [

@@ -2,16 +2,20 @@
 
     bench ──► direct         = the stub: nginx front (plain JSON) + aiohttp stub (SSE, OAuth)
           ──► nginx          = reference proxy (fixed bearer) ──► the stub
+          ──► floor_asyncio  = the aiohttp floor (bench/floor.py) on asyncio ──► the stub
+          ──► floor_uvloop   = the same on uvloop ──► the stub
           ──► sidecar        = python -m sidecar run, memory store ──► the stub
           ──► sidecar_redis  = the same with a Redis store ──► the stub
 
 Without nginx the aiohttp stub answers everything itself and the ``nginx`` target is skipped
-with its reason; without a Redis that answers, ``sidecar_redis`` is. All on loopback.
+with its reason; without a Redis that answers, ``sidecar_redis`` is; without uvloop,
+``floor_uvloop`` is. All on loopback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import secrets
@@ -30,8 +34,10 @@ from bench.stub import CHAT_JSON
 
 START_TIMEOUT_S = 15.0
 STUB_SCRIPT = Path(__file__).with_name("stub.py")
-TARGET_NAMES = ("direct", "nginx", "sidecar", "sidecar_redis")
+FLOOR_SCRIPT = Path(__file__).with_name("floor.py")
+TARGET_NAMES = ("direct", "nginx", "floor_asyncio", "floor_uvloop", "sidecar", "sidecar_redis")
 SIDECARS = ("sidecar", "sidecar_redis")
+FLOORS = {"asyncio": "floor_asyncio", "uvloop": "floor_uvloop"}  # event loop → floor target
 CHAT_PATH = "/v1/chat/completions"
 CHAT_BODY = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello."}]}'
 STREAM_BODY = (
@@ -108,6 +114,10 @@ class Rig:
         finally:
             client.close()
         return answer.body
+
+
+def has_uvloop() -> bool:
+    return importlib.util.find_spec("uvloop") is not None
 
 
 def find_redis() -> tuple[str | None, str]:
@@ -190,6 +200,31 @@ def start_rig(
         )
         wait_listening(proxy, proxy_port, START_TIMEOUT_S)
         rig.targets["nginx"] = Target("nginx", proxy_port, (proxy.pid,))
+
+    for loop, name in FLOORS.items():
+        if "floor" in skip:
+            rig.skipped[name] = "left out on request (--skip floor)"
+        elif loop == "uvloop" and not has_uvloop():
+            rig.skipped[name] = "uvloop is not installed"
+        else:
+            port = free_port()
+            floor = children.start(
+                name,
+                [
+                    sys.executable,
+                    str(FLOOR_SCRIPT),
+                    "--port",
+                    str(port),
+                    "--upstream",
+                    rig.quota_url,
+                    "--loop",
+                    loop,
+                ],
+                env=base_env,
+                cwd=workdir,
+            )
+            wait_listening(floor, port, START_TIMEOUT_S)
+            rig.targets[name] = Target(name, port, (floor.pid,))
 
     rig.session_secret = new_session_secret()
     rig.key_prefix = f"quota-sidecar-bench-{secrets.token_hex(4)}"

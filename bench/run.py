@@ -160,14 +160,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--skip",
         action="append",
         default=[],
-        choices=("nginx", "sidecar_redis"),
+        choices=("nginx", "floor", "sidecar_redis"),
         help="leave a target out (its columns are null, with this as the reason); repeatable",
     )
     parser.add_argument(
         "--sidecar-loop",
-        default="asyncio",
-        choices=("asyncio", "uvloop"),
-        help="run the sidecars on uvloop (an experiment; needs pip install uvloop)",
+        default="auto",
+        choices=("auto", "asyncio", "uvloop"),
+        help="the sidecars' event loop; auto, as shipped: uvloop when installed",
     )
     parser.add_argument(
         "--sidecar-log-level",
@@ -184,9 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     from bench import latency, load, memory, nginx, profile, redis_cost, report, sse, storm
     from bench.plan import FULL, SMOKE
     from bench.procs import Children, raise_fd_limit
-    from bench.rig import Rig, delete_bench_keys, find_redis, start_rig
+    from bench.rig import FLOORS, Rig, delete_bench_keys, find_redis, has_uvloop, start_rig
 
     args = parse_args(argv)
+    if args.sidecar_loop == "auto":
+        args.sidecar_loop = "uvloop" if has_uvloop() else "asyncio"
     plan = SMOKE if args.smoke else FULL
     started = time.monotonic()
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%SZ")
@@ -275,10 +277,12 @@ def main(argv: list[str] | None = None) -> int:
                 "throughput_one_core",
                 lambda: latency.one_core(runner, concurrency=64, duration_s=plan.load_s),
             )
+            floor = FLOORS[args.sidecar_loop]
             results["throughput"] = latency.throughput_summary(
                 results.get("latency_concurrent", {}).get("c64", {}),
                 results.get("throughput_one_core", {}),
                 runner.tool,
+                floor=floor if floor in rig.targets else None,
             )
             scenario(
                 "refresh_storm",

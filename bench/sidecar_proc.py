@@ -34,12 +34,6 @@ CLIENT_ID = "quota_client_bench"
 CLIENT_SECRET = "quota_secret_bench"  # noqa: S105 - the stub accepts any secret
 # Outgoing connections to Quota: the default (512) would queue the 513th open stream.
 POOL_SIZE = 4096
-# ``--sidecar-loop uvloop``: the same ``quota-sidecar run``, on uvloop's event loop (an
-# experiment: the sidecar itself has no such option).
-_UVLOOP_LAUNCHER = (
-    "import asyncio, sys, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
-    "from sidecar.cli import main; sys.exit(main(['run']))"
-)
 
 
 @dataclass
@@ -90,10 +84,9 @@ def start_sidecar(
     }
     if store != "memory":
         env["REDIS_URL"] = store
-    argv = [sys.executable, "-m", "sidecar", "run"]
-    if loop == "uvloop":
-        argv = [sys.executable, "-c", _UVLOOP_LAUNCHER]
-    child = children.start(name, argv, env=env, cwd=cwd)
+    # Named, not left to ``auto``: the floor it is compared with runs on the same loop.
+    env["QUOTA_SIDECAR_LOOP"] = loop
+    child = children.start(name, [sys.executable, "-m", "sidecar", "run"], env=env, cwd=cwd)
     wait_listening(child, internal, START_TIMEOUT_S)
     return SidecarTarget(name, child, public, internal, admin, store, key_prefix)
 

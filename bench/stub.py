@@ -3,7 +3,8 @@
 Unlike the emulator (``sidecar.mock_quota``) it checks nothing, bills nothing and keeps almost no
 state, so that its own cost stays small and the same for every target it is measured through.
 
-    POST /v1/chat/completions     a small fixed JSON answer; with ``"stream": true`` in the body
+    POST /v1/chat/completions     a small fixed JSON answer (with a quota block, as Quota's
+                                  billed answers carry); with ``"stream": true`` in the body
                                   (or the ``X-Bench-Stream`` header) an SSE answer of
                                   ``X-Bench-Events`` events (200), ``X-Bench-Gap-Ms`` apart (0)
                                   on a fixed schedule (at least half a gap apart),
@@ -39,7 +40,8 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-# The one plain answer, shared with the nginx front so every target returns the same bytes.
+# The one plain answer, shared with the nginx front so every target returns the same bytes. It
+# carries Quota's quota block, as every billed answer does, so the sidecar reads its usage.
 CHAT_JSON = json.dumps(
     {
         "id": "chatcmpl-bench",
@@ -54,6 +56,12 @@ CHAT_JSON = json.dumps(
             }
         ],
         "usage": {"prompt_tokens": 9, "completion_tokens": 6, "total_tokens": 15},
+        "quota": {
+            "credits_used": 3,
+            "balance_before": 1000,
+            "balance_after": 997,
+            "billing_mode": "user",
+        },
     },
     separators=(",", ":"),
 ).encode()

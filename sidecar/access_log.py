@@ -19,6 +19,8 @@ from sidecar.observe import TIMING
 
 ACCESS_LOGGER = logging.getLogger("sidecar.access")
 LISTENER = web.AppKey("listener", str)
+# Methods written as they are; nothing else a client may put there goes unmasked.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -30,10 +32,16 @@ class AccessLogger(AbstractAccessLogger):
         )
         path = redact(raw_path)
         timing = request.get(TIMING)
+        request_id = request.get(REQUEST_ID, "-")
+        if request_id == request.headers.get("X-Request-Id"):  # the client's (else hex of ours)
+            request_id = redact(request_id)
+        method = request.method
+        if method not in _METHODS:  # any other token a client sent
+            method = redact(method)
         fields = {
-            "request_id": redact(request.get(REQUEST_ID, "-")),
+            "request_id": request_id,
             "listener": request.app.get(LISTENER, "-") if isinstance(request, web.Request) else "-",
-            "method": redact(request.method),
+            "method": method,
             "path": path,
             "status": response.status,
             "bytes": response.body_length,
@@ -49,13 +57,25 @@ class AccessLogger(AbstractAccessLogger):
             "user": timing.user_key if timing else None,
             "remote": request.remote,
         }
-        self.logger.info(
+        # The record is made here rather than by ``logger.info``: that would walk the stack for
+        # the caller's file and line (which no format here writes) and copy every field in one
+        # by one, checking each against the record's own attributes (none of them clashes).
+        logger = self.logger
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        record = logger.makeRecord(
+            logger.name,
+            logging.INFO,
+            __file__,
+            0,
             "%s %s %s",
-            fields["method"],
-            path,
-            response.status,
-            extra={**fields, SAFE_FIELDS: fields},
+            (fields["method"], path, response.status),
+            None,
+            "log",
         )
+        record.__dict__.update(fields)
+        setattr(record, SAFE_FIELDS, fields)
+        logger.handle(record)
 
     @property
     def enabled(self) -> bool:

@@ -167,7 +167,12 @@ class Sidecar:
             self.runners.append(runner)
             host, port = split_host_port(address)
             site = web.TCPSite(
-                runner, host, port, reuse_address=True, reuse_port=reuse_port or None
+                runner,
+                host,
+                port,
+                reuse_address=True,
+                reuse_port=reuse_port or None,
+                backlog=cfg.limits.backlog,
             )
             await site.start()
             self.urls[name] = _bound_url(runner, host)

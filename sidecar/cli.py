@@ -301,14 +301,15 @@ async def _serve(config: Config, *, worker: WorkerContext | None = None) -> int:
     from sidecar.metrics import Metrics
     from sidecar.services import open_services
 
-    metrics = None
+    metrics = mirror = None
     if worker is not None:
         from sidecar.log import label_worker
-        from sidecar.worker_metrics import exposition_registry, record_to_files
+        from sidecar.worker_metrics import FileMirror, exposition_registry
 
         label_worker(worker.index)
-        record_to_files(worker.metrics_dir)
-        metrics = Metrics(process=False, exposition=exposition_registry(worker.metrics_dir))
+        metrics = Metrics(process=False)
+        mirror = FileMirror(metrics.instruments(), worker.metrics_dir, os.getpid())
+        metrics.exposition = exposition_registry(mirror, worker.metrics_dir)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -327,19 +328,27 @@ async def _serve(config: Config, *, worker: WorkerContext | None = None) -> int:
     for sig in signals:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, on_signal, sig)
-    async with open_services(config, metrics=metrics) as services:
-        sidecar = Sidecar(services)
-        try:
-            await sidecar.start(reuse_port=worker is not None)
-        except OSError as exc:
-            print(f"quota-sidecar: cannot listen: {exc.strerror or exc}", file=sys.stderr)
-            await sidecar.stop()
-            return 1
-        if worker is not None:
-            worker.report_ready()
-        await stop.wait()
-        await sidecar.shutdown()
-    return 0
+    copying = asyncio.create_task(mirror.run()) if mirror is not None else None
+    try:
+        async with open_services(config, metrics=metrics) as services:
+            sidecar = Sidecar(services)
+            try:
+                await sidecar.start(reuse_port=worker is not None)
+            except OSError as exc:
+                print(f"quota-sidecar: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+                await sidecar.stop()
+                return 1
+            if worker is not None:
+                worker.report_ready()
+            await stop.wait()
+            await sidecar.shutdown()
+        return 0
+    finally:
+        if copying is not None and mirror is not None:
+            copying.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await copying
+            mirror.close()  # the last figures, the shutdown's included
 
 
 def _command_in(argv: Sequence[str]) -> str:

@@ -116,6 +116,10 @@ class LimitsConfig:
     # Outgoing connections kept per target (Quota, the app); 0 means no cap.
     # (every open stream holds one; a full pool answers 502 after connect_timeout_s).
     pool_size: int = 4096
+    # Connections the kernel queues per listener before the sidecar accepts them: nginx's
+    # default, so a burst of new clients is not cut at aiohttp's 128 (the kernel caps it at
+    # net.core.somaxconn).
+    backlog: int = 511
 
 
 @dataclass(frozen=True, slots=True)

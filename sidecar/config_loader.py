@@ -345,6 +345,7 @@ def _check(config: c.Config, problems: list[str]) -> None:
         ("limits.keepalive_timeout_s", lim.keepalive_timeout_s),
         ("limits.header_timeout_s", lim.header_timeout_s),
         ("limits.body_idle_timeout_s", lim.body_idle_timeout_s),
+        ("limits.backlog", lim.backlog),
     ):
         if count <= 0:
             problems.append(f"{name}: must be greater than 0, got {count}")

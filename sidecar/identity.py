@@ -10,6 +10,7 @@ carrying only the browser's ``Cookie`` (less the sidecar's own cookie) and ``Aut
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
@@ -25,17 +26,35 @@ log = logging.getLogger(__name__)
 _PROBED: web.RequestKey[str | None] = web.RequestKey("probed_user", str | None)  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True, slots=True)
+class _Named:
+    """The user the identity header named, and their key (an HMAC): read once per request."""
+
+    user_id: str
+    user_key: str
+
+
+_NAMED = web.RequestKey("named_user", _Named)
+
+
 def valid_user_id(value: str, max_length: int) -> bool:
     """1..max_length visible characters (spaces inside allowed), no control characters."""
-    return (
-        0 < len(value) <= max_length
-        and value == value.strip()
-        and all(ch.isprintable() for ch in value)
-    )
+    return 0 < len(value) <= max_length and value == value.strip() and value.isprintable()
 
 
 def header_identity(request: web.Request, services: Services) -> str:
     """The user the host app's backend named on an internal-listener request."""
+    return _named(request, services).user_id
+
+
+def header_user_key(request: web.Request, services: Services) -> str:
+    """That user's store key: ``services.user_key(header_identity(…))``, made once a request."""
+    return _named(request, services).user_key
+
+
+def _named(request: web.Request, services: Services) -> _Named:
+    if _NAMED in request:
+        return request[_NAMED]
     wanted = fold(services.config.identity.header)
     values = [v for k, v in request.headers.items() if fold(k) == wanted]
     if not values:
@@ -46,8 +65,9 @@ def header_identity(request: web.Request, services: Services) -> str:
             f"The user identity is not usable: it must be 1 to {max_length} visible characters, "
             "sent once."
         )
-    observe.note_user(request, services.user_key(values[0]))
-    return values[0]
+    named = request[_NAMED] = _Named(values[0], services.user_key(values[0]))
+    observe.note_user(request, named.user_key)
+    return named
 
 
 async def probe_identity(request: web.Request) -> str | None:

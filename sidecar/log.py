@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import json
 import logging
 import re
@@ -24,19 +25,49 @@ _PATTERNS = [
         r"\b(quota_token_|quota_refresh_|quota_secret_|sk-quota-|sess_|whsec_)[A-Za-z0-9_\-.~+/=]+"
     ),
     # Any bearer or basic credential, whatever it looks like.
-    re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9_\-.~+/=]+"),
+    re.compile(r"\b(bearer|basic)\s+[A-Za-z0-9_\-.~+/=]+", re.IGNORECASE),
     # OAuth parameters in URLs, forms and JSON.
     re.compile(
-        r"(?i)\b(code|state|code_verifier|refresh_token|access_token|client_secret|token|key|api_key)"
-        r"(=|\"\s*:\s*\"|':\s*')[^&\s\"',;]+"
+        r"\b(code|state|code_verifier|refresh_token|access_token|client_secret|token|key|api_key)"
+        r"(=|\"\s*:\s*\"|':\s*')[^&\s\"',;]+",
+        re.IGNORECASE,
     ),
     # Cookie and Authorization header values.
-    re.compile(r"(?i)\b(cookie|set-cookie|authorization)(\"?\s*[:=]\s*\"?)[^\"\n]+"),
+    re.compile(r"\b(cookie|set-cookie|authorization)(\"?\s*[:=]\s*\"?)[^\"\n]+", re.IGNORECASE),
 ]
+# Every pattern starts with one of these words, in any case: ASCII text holding none of them
+# has nothing to mask, and most text (paths, request ids, methods) holds none. Text that is not
+# ASCII always goes through the patterns: ignoring case, they match letters that ``str.lower``
+# does not fold (the long s for ``s``, the Kelvin sign for ``k``).
+_KEYWORDS = (
+    "quota",
+    "sess_",
+    "whsec_",
+    "bearer",
+    "basic",
+    "code",
+    "state",
+    "token",
+    "key",
+    "secret",
+    "cookie",
+    "authorization",
+)
 
 
 def redact(text: str) -> str:
     """Mask every credential-shaped run in ``text``, keeping what kind of thing it was."""
+    if text.isascii():
+        lowered = text.lower()
+        for word in _KEYWORDS:
+            if word in lowered:
+                break
+        else:
+            return text
+    return _mask(text)
+
+
+def _mask(text: str) -> str:
     text = _PATTERNS[0].sub(lambda m: f"{m.group(1)}***", text)
     text = _PATTERNS[1].sub(lambda m: f"{m.group(1)} ***", text)
     text = _PATTERNS[2].sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
@@ -50,10 +81,17 @@ SAFE_FIELDS = "_safe_fields"
 
 
 def _timestamp(record: logging.LogRecord) -> str:
-    return (
-        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        + f".{int(record.msecs):03d}Z"
-    )
+    return _second(int(record.created)) + f".{int(record.msecs):03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _second(seconds: int) -> str:
+    """The timestamp down to the second: lines written in the same second share it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+
+
+# ``json.dumps`` with options builds an encoder per call; the lines share this one.
+_JSON = json.JSONEncoder(default=str, ensure_ascii=False)
 
 
 class JsonFormatter(logging.Formatter):
@@ -62,16 +100,14 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         safe: dict[str, Any] | None = getattr(record, SAFE_FIELDS, None)
         if safe is not None and not record.exc_info:
-            return json.dumps(
+            return _JSON.encode(
                 {
                     "ts": _timestamp(record),
                     "level": record.levelname.lower(),
                     "logger": record.name,
                     "msg": record.getMessage(),
                     **safe,
-                },
-                default=str,
-                ensure_ascii=False,
+                }
             )
         entry: dict[str, Any] = {
             "ts": _timestamp(record),
@@ -85,7 +121,7 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return redact(json.dumps(entry, default=str, ensure_ascii=False))
+        return redact(_JSON.encode(entry))
 
 
 class TextFormatter(logging.Formatter):

@@ -43,18 +43,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    GCCollector,
-    Histogram,
-    PlatformCollector,
-    ProcessCollector,
-)
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
 from sidecar import __version__
+
+# The instruments: prometheus_client's exposition, updated without a lock (sidecar.instruments).
+from sidecar.instruments import Counter, CounterChild, Gauge, Histogram, Instrument
 
 PREFIX = "quota_sidecar"
 
@@ -222,7 +218,7 @@ class Metrics:
         )
         self.quota_duration = Histogram(
             f"{PREFIX}_quota_request_duration_seconds",
-            "Quota's time to answer a call (until its response headers), by call kind.",
+            "Quota's time to answer a call (request sent to answer's headers read), by call kind.",
             ["call"],
             buckets=REMOTE_BUCKETS,
             registry=r,
@@ -236,7 +232,7 @@ class Metrics:
         )
         self.app_duration = Histogram(
             f"{PREFIX}_app_request_duration_seconds",
-            "The host app's time to answer (until its response headers): identity probe or proxy.",
+            "The host app's time to answer (request sent to answer's headers read): probe or proxy.",
             ["call"],
             buckets=REMOTE_BUCKETS,
             registry=r,
@@ -380,8 +376,10 @@ class Metrics:
             self.usage_billed.labels(endpoint)
         for code in GUARD_CODES:
             self.guard_rejections.labels(code)
-        self._usage_children: dict[str, tuple[Counter, Counter, Counter, Counter]] = {}
-        self._unread_children: dict[tuple[str, str], tuple[Counter, Counter]] = {}
+        self._usage_children: dict[
+            str, tuple[CounterChild, CounterChild, CounterChild, CounterChild]
+        ] = {}
+        self._unread_children: dict[tuple[str, str], tuple[CounterChild, CounterChild]] = {}
         # Zero series for the fixed label sets, so rates and alerts exist before the first event.
         for outcome in REFRESH_OUTCOMES:
             self.refreshes.labels(outcome)
@@ -389,6 +387,10 @@ class Metrics:
             self.wallets_disconnected.labels(reason)
         self.connect_error = BoundedLabel(CONNECT_ERRORS)
         self.quota_error = BoundedLabel(QUOTA_ERRORS)
+
+    def instruments(self) -> list[Instrument[Any]]:
+        """Every instrument of this sidecar (what ``--workers`` copies to its files)."""
+        return [value for value in vars(self).values() if isinstance(value, Instrument)]
 
     def refreshed(self, outcome: str) -> None:
         self.refreshes.labels(outcome).inc()

@@ -1,17 +1,20 @@
 """Where each request's time goes: route classes, timings, request metrics and client traces.
 
 Added latency, measured: ``RequestWatch`` notes when a request's handler starts; the
-``on_response_prepare`` hook notes when its response headers go out; and a client trace on the
-Quota and host-app sessions adds up, for the request being handled, the time spent waiting for
-those parties to answer — from sending a call to receiving its response headers (the identity
-probe, a token refresh, the forwarded call itself)::
+``on_response_prepare`` hook notes when its response headers go out; and ``OutgoingCalls`` adds
+up, for the request being handled, the time spent waiting for Quota or the host app to answer
+(the identity probe, a token refresh, the forwarded call itself), as each call's connection saw
+it: from the request's last byte written to the answer's headers read (``sidecar.wire_times``),
+so that time the busy event loop spent on other requests around the call is the sidecar's. A
+client trace tells it of every call through the Quota and host-app sessions; the forwarders tell
+it themselves, around each call they send::
 
     added = (time to the response headers) - (time waiting for Quota or the app to answer)
 
 A stream's body is not part of either term: how long Quota takes to send the rest is Quota's
 time. A request that waits on a refresh another request started counts that wait as its own
-(once per token expiry, at most). The traces also stamp ``X-Request-Id`` on every outgoing call
-(forwarded, proxied, OAuth, probe), so one id follows a request through every log.
+(once per token expiry, at most). ``OutgoingCalls`` also stamps ``X-Request-Id`` on every
+outgoing call (forwarded, proxied, OAuth, probe), so one id follows a request through every log.
 
 Route classes, a bounded label: ``auth`` (/auth/quota/*), ``v1`` (/v1/*, /v1beta/* on the
 internal listener), ``proxy`` (everything else on the public listener), ``admin``, ``other``.
@@ -29,10 +32,12 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import Counter, Gauge, Histogram
+from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar import log as sidecar_log
+from sidecar import wire_times
+from sidecar.instruments import Counter, GaugeChild, Histogram
 from sidecar.metrics import Metrics, status_label
 
 # nginx's convention for "the client closed the connection before the answer".
@@ -61,7 +66,7 @@ class Timing:
     headers_s: float | None = None
     added_s: float | None = None
     handler_done: bool = False
-    gauge: Gauge | None = None  # the open-streams or WebSocket gauge this request holds
+    gauge: GaugeChild | None = None  # the open-streams or WebSocket gauge this request holds
     user_key: str | None = None
 
     def finish(self, children: ListenerMetrics, status: int) -> None:
@@ -157,19 +162,21 @@ def prepare_hook(
     handler returns.
     """
 
+    gauges: dict[tuple[bool, str, str], GaugeChild] = {}  # bound once per label set
+
     async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
         timing = request.get(TIMING)
         if timing is None or timing.headers_s is not None:
             return
         timing.headers_s = time.perf_counter() - timing.started
         if not timing.handler_done:
-            family = (
-                metrics.websockets
-                if isinstance(response, web.WebSocketResponse)
-                else metrics.open_streams
-            )
-            timing.gauge = family.labels(timing.listener, timing.route)
-            timing.gauge.inc()
+            key = (isinstance(response, web.WebSocketResponse), timing.listener, timing.route)
+            gauge = gauges.get(key)
+            if gauge is None:
+                family = metrics.websockets if key[0] else metrics.open_streams
+                gauge = gauges[key] = family.labels(timing.listener, timing.route)
+            timing.gauge = gauge
+            gauge.inc()
 
     return on_prepare
 
@@ -206,10 +213,69 @@ def app_call(upstream_url: str, probe_path: str) -> Callable[[URL], str]:
     return classify
 
 
-def client_trace(
-    classify: Callable[[URL], str], duration: Histogram, errors: Counter
-) -> aiohttp.TraceConfig:
-    """A trace for one outgoing session: request id, time to answer, calls with no answer."""
+class OutgoingCalls:
+    """One outgoing session's accounting: request id stamped, time to answer, calls unanswered.
+
+    The session's trace (``client_trace``) calls it for every call made through the session; the
+    forwarders call it themselves around each call they send through their untraced twin of the
+    session (``ObservedSession``), because aiohttp's trace signals cost more per forwarded call
+    than everything done here.
+    """
+
+    def __init__(
+        self, classify: Callable[[URL], str], duration: Histogram, errors: Counter
+    ) -> None:
+        self._classify = classify
+        self._duration = duration
+        self._errors = errors
+        self._durations: dict[str, Any] = {}  # call class -> its histogram child, bound once
+
+    def classify(self, url: URL) -> str:
+        return self._classify(url)
+
+    def stamp(self, headers: CIMultiDict[str]) -> None:
+        rid = sidecar_log.request_id.get()
+        if rid != "-":
+            headers["X-Request-Id"] = rid
+
+    def answered(self, call: str, started: float, response: aiohttp.ClientResponse) -> None:
+        """The answer's headers are in: the wait counts for the request being handled."""
+        child = self._durations.get(call)
+        if child is None:
+            child = self._durations[call] = self._duration.labels(call)
+        child.observe(_charge(wire_times.waited(response, started, time.perf_counter())))
+
+    def failed(self, call: str, started: float, exc: BaseException) -> None:
+        _charge(time.perf_counter() - started)
+        if isinstance(exc, TimeoutError):
+            self._errors.labels(call, "timeout").inc()
+        elif isinstance(exc, aiohttp.ClientError | OSError):
+            self._errors.labels(call, "unreachable").inc()
+        # Anything else (a cancelled call, a body refused as too large) is not the remote's fault.
+
+
+def _charge(waited: float) -> float:
+    """Count ``waited`` as time the request being handled spent waiting for a remote."""
+    timing = _current.get()
+    if timing is not None:
+        timing.upstream_s += waited
+    return waited
+
+
+@dataclass(frozen=True, slots=True)
+class ObservedSession:
+    """A session whose calls are accounted by the caller (``calls``), with no trace of its own.
+
+    It shares its connection pool with the traced session for the same target, so the
+    forwarders and the other calls to that target still draw on one ``limits.pool_size``.
+    """
+
+    http: aiohttp.ClientSession
+    calls: OutgoingCalls
+
+
+def client_trace(calls: OutgoingCalls) -> aiohttp.TraceConfig:
+    """A trace for one outgoing session: ``calls`` told of every call made through it."""
     trace = aiohttp.TraceConfig()
 
     async def on_start(
@@ -217,38 +283,23 @@ def client_trace(
         ctx: SimpleNamespace,
         params: aiohttp.TraceRequestStartParams,
     ) -> None:
-        rid = sidecar_log.request_id.get()
-        if rid != "-":
-            params.headers["X-Request-Id"] = rid
-        ctx.call = classify(params.url)
+        calls.stamp(params.headers)
+        ctx.call = calls.classify(params.url)
         ctx.started = time.perf_counter()
-
-    def waited(ctx: SimpleNamespace) -> float:
-        elapsed: float = time.perf_counter() - ctx.started
-        timing = _current.get()
-        if timing is not None:
-            timing.upstream_s += elapsed
-        return elapsed
 
     async def on_end(
         session: aiohttp.ClientSession,
         ctx: SimpleNamespace,
         params: aiohttp.TraceRequestEndParams,
     ) -> None:
-        duration.labels(ctx.call).observe(waited(ctx))
+        calls.answered(ctx.call, ctx.started, params.response)
 
     async def on_exception(
         session: aiohttp.ClientSession,
         ctx: SimpleNamespace,
         params: aiohttp.TraceRequestExceptionParams,
     ) -> None:
-        waited(ctx)
-        exc = params.exception
-        if isinstance(exc, TimeoutError):
-            errors.labels(ctx.call, "timeout").inc()
-        elif isinstance(exc, aiohttp.ClientError | OSError):
-            errors.labels(ctx.call, "unreachable").inc()
-        # Anything else (a cancelled call, a body refused as too large) is not the remote's fault.
+        calls.failed(ctx.call, ctx.started, params.exception)
 
     trace.on_request_start.append(on_start)
     trace.on_request_end.append(on_end)

@@ -1,6 +1,7 @@
 """The long-lived objects both listeners share, made once at start-up and closed at shutdown.
 
-Made here: the HTTP client sessions (one pooled session per target: Quota, the host app), the
+Made here: the HTTP client sessions (one connection pool per target, Quota and the host app, each
+with a traced session for every call and an untraced one the forwarders account for), the
 token store, the keys derived from ``SESSION_SECRET``, the Quota client and the token manager,
 and the host-app event sink (``sidecar.hooks``), whose delivery runs from start-up until shutdown
 has flushed it (after the listeners closed, so events of the last requests still go out).
@@ -34,6 +35,7 @@ from sidecar.tokens.crypto import Sealer, UserKeys, derive_key
 from sidecar.tokens.factory import create_store, redis_store_of
 from sidecar.tokens.manager import RefreshCoordinator, TokenManager
 from sidecar.tokens.store import TokenStore
+from sidecar.wire_times import TimedResponse, timed_connector
 
 if TYPE_CHECKING:
     from sidecar.tokens.lock import RedisRefreshCoordinator
@@ -51,6 +53,9 @@ class Services:
     clock: Callable[[], float]
     quota_http: aiohttp.ClientSession
     upstream_http: aiohttp.ClientSession
+    # The forwarders' sessions: the same pools, no trace (they account their calls themselves).
+    quota_forward: observe.ObservedSession
+    upstream_forward: observe.ObservedSession
     quota: QuotaClient
     tokens: TokenManager
     user_keys: UserKeys
@@ -79,17 +84,27 @@ def make_sealer(config: Config) -> Sealer:
 
 
 def _client_session(
-    *, limit: int = 0, trace: aiohttp.TraceConfig | None = None
+    connector: aiohttp.BaseConnector, *, owner: bool, trace: aiohttp.TraceConfig | None = None
 ) -> aiohttp.ClientSession:
     # No total timeout on the session: streams may last; each call sets its own timeouts.
-    connector = aiohttp.TCPConnector(limit=limit, ttl_dns_cache=60, enable_cleanup_closed=True)
     return aiohttp.ClientSession(
         connector=connector,
+        connector_owner=owner,
         auto_decompress=False,
         timeout=aiohttp.ClientTimeout(total=None),
         cookie_jar=aiohttp.DummyCookieJar(),
         trace_configs=[trace] if trace is not None else None,
+        response_class=TimedResponse,  # the wait for the remote, as the connection saw it
     )
+
+
+def _sessions(
+    limit: int, calls: observe.OutgoingCalls
+) -> tuple[aiohttp.ClientSession, observe.ObservedSession]:
+    """One pool for a target: a traced session for every call, an untraced one to forward."""
+    connector = timed_connector(limit=limit, ttl_dns_cache=60, enable_cleanup_closed=True)
+    traced = _client_session(connector, owner=True, trace=observe.client_trace(calls))
+    return traced, observe.ObservedSession(_client_session(connector, owner=False), calls)
 
 
 @contextlib.asynccontextmanager
@@ -124,17 +139,17 @@ async def open_services(
             metrics=metrics,
         )
         redis_coordinator.start()
-    quota_http = _client_session(
-        limit=config.limits.pool_size,
-        trace=observe.client_trace(
+    quota_http, quota_forward = _sessions(
+        config.limits.pool_size,
+        observe.OutgoingCalls(
             observe.quota_call(config.quota.base_url),
             metrics.quota_duration,
             metrics.quota_errors,
         ),
     )
-    upstream_http = _client_session(
-        limit=config.limits.pool_size,
-        trace=observe.client_trace(
+    upstream_http, upstream_forward = _sessions(
+        config.limits.pool_size,
+        observe.OutgoingCalls(
             observe.app_call(config.upstream.url, config.upstream.identity_probe_path),
             metrics.app_duration,
             metrics.app_errors,
@@ -170,6 +185,8 @@ async def open_services(
             clock=clock,
             quota_http=quota_http,
             upstream_http=upstream_http,
+            quota_forward=quota_forward,
+            upstream_forward=upstream_forward,
             quota=quota,
             tokens=tokens,
             user_keys=UserKeys(derive_key(secret, USER_KEY_LABEL)),
@@ -187,6 +204,8 @@ async def open_services(
         await events.close()  # bounded by events.flush_timeout_s
         if redis_coordinator is not None:
             await redis_coordinator.close()
-        await quota_http.close()
+        await quota_forward.http.close()
+        await upstream_forward.http.close()
+        await quota_http.close()  # and the pools they share
         await upstream_http.close()
         await token_store.close()

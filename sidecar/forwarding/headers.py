@@ -34,6 +34,7 @@ FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+@functools.lru_cache(maxsize=1024)  # the names a deployment sees are few and come again
 def fold(name: str) -> str:
     """The form under which two header names count as the same (case, ``_`` vs ``-``)."""
     return name.strip().lower().replace("_", "-")
@@ -48,28 +49,29 @@ def connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[
     }
 
 
-def _folded(names: Iterable[str]) -> frozenset[str]:
-    """The folded form of a drop list; a tuple (what every caller passes) is folded once."""
+def _dropped(names: Iterable[str]) -> frozenset[str]:
+    """Hop-by-hop names and the folded form of a drop list; a tuple (what every caller passes)
+    is folded once."""
     if isinstance(names, tuple):
-        return _folded_tuple(names)
-    return frozenset(fold(name) for name in names)
+        return _dropped_tuple(names)
+    return HOP_BY_HOP | {fold(name) for name in names}
 
 
 @functools.lru_cache(maxsize=64)
-def _folded_tuple(names: tuple[str, ...]) -> frozenset[str]:
-    return frozenset(fold(name) for name in names)
+def _dropped_tuple(names: tuple[str, ...]) -> frozenset[str]:
+    return HOP_BY_HOP | {fold(name) for name in names}
 
 
 def filter_headers(
     headers: CIMultiDictProxy[str] | CIMultiDict[str], *, drop: Iterable[str] = ()
 ) -> CIMultiDict[str]:
     """Copy ``headers`` without hop-by-hop ones and without any name in ``drop`` (folded)."""
-    dropped = HOP_BY_HOP | _folded(drop) | connection_listed(headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        if fold(name) not in dropped:
-            out.add(name, value)
-    return out
+    dropped = _dropped(drop)
+    if "Connection" in headers:
+        dropped = dropped | connection_listed(headers)
+    return CIMultiDict(
+        [(name, value) for name, value in headers.items() if fold(name) not in dropped]
+    )
 
 
 def strip_cookie(cookie_header: str, name: str) -> str:

@@ -8,6 +8,7 @@ segments, backslashes or encoded slashes are refused before anything is sent.
 
 from __future__ import annotations
 
+import functools
 import re
 from urllib.parse import unquote
 
@@ -22,7 +23,7 @@ from sidecar.forwarding.headers import FORWARDED, filter_headers
 from sidecar.forwarding.stream import replayable_body, send, stream_back, stream_timeout
 from sidecar.forwarding.websocket import is_upgrade, relay_websocket
 from sidecar.guards.metered import metered, watch_usage
-from sidecar.identity import header_identity
+from sidecar.identity import header_user_key
 from sidecar.routes import topup
 from sidecar.services import SERVICES, Services
 
@@ -32,27 +33,31 @@ PREFIXES = ("/v1/", "/v1beta/")
 # and Quota bills whatever credential it is shown.
 CREDENTIAL_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "api-key")
 _DROP = (*CREDENTIAL_HEADERS, "cookie", "host", "content-length", *FORWARDED)
-_ENCODED_SEPARATOR = re.compile(r"%(2f|5c)", re.IGNORECASE)
+# What a path to Quota may not hold: an empty segment, a backslash, an encoded separator, or a
+# control character, space or DEL.
+_REFUSED = re.compile(r"//|\\|%(?:2f|5c)|[\x00-\x20\x7f]", re.IGNORECASE)
 
 
 def quota_url(base_url: str, raw_path: str, raw_query: str) -> URL:
     """``base_url`` + ``raw_path`` (+ query), after refusing every path that could escape it."""
-    if (
-        not raw_path.startswith(PREFIXES)
-        or "//" in raw_path
-        or "\\" in raw_path
-        or _ENCODED_SEPARATOR.search(raw_path)
-        or any(ord(ch) < 0x21 or ord(ch) == 0x7F for ch in raw_path)
+    if not raw_path.startswith(PREFIXES) or _REFUSED.search(raw_path):
+        raise InvalidPath
+    if ("." in raw_path or "%" in raw_path) and any(
+        unquote(segment) in (".", "..") for segment in raw_path.split("/")
     ):
         raise InvalidPath
-    if any(unquote(segment) in (".", "..") for segment in raw_path.split("/")):
-        raise InvalidPath
-    text = base_url.rstrip("/") + raw_path + (f"?{raw_query}" if raw_query else "")
-    url = URL(text, encoded=True)
-    base = URL(base_url)
-    if (url.scheme, url.host, url.port) != (base.scheme, base.host, base.port):
+    base, origin = _base(base_url)
+    url = URL(base + raw_path + (f"?{raw_query}" if raw_query else ""), encoded=True)
+    if (url.scheme, url.host, url.port) != origin:
         raise InvalidPath  # defence in depth: never another host
     return url
+
+
+@functools.lru_cache(maxsize=8)
+def _base(base_url: str) -> tuple[str, tuple[str, str | None, int | None]]:
+    """The base without its trailing slash, and its origin: parsed once, not per call."""
+    base = URL(base_url)
+    return base_url.rstrip("/"), (base.scheme, base.host, base.port)
 
 
 def outgoing_headers(
@@ -73,7 +78,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     before any byte of the answer went to the client; otherwise Quota's 401 passes through.
     """
     services = request.app[SERVICES]
-    user_key = services.user_key(header_identity(request, services))
+    user_key = header_user_key(request, services)
     url = quota_url(
         services.config.quota.base_url, request.rel_url.raw_path, request.rel_url.raw_query_string
     )
@@ -100,7 +105,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     async def attempt(access_token: str) -> aiohttp.ClientResponse:
         return await send(
             request,
-            services.quota_http,
+            services.quota_forward,
             url,
             outgoing_headers(request, services, access_token),
             data=body,

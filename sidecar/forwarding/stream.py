@@ -16,9 +16,11 @@ Timeouts fit streams (``StreamTimeouts``); there is never a total::
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
 
 import aiohttp
@@ -33,6 +35,7 @@ from sidecar.errors import (
     UpstreamUnavailable,
 )
 from sidecar.forwarding.headers import filter_headers
+from sidecar.observe import ObservedSession
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +110,19 @@ async def replayable_body(
         return None, True
     if max_bytes and request.content_length is not None and request.content_length > max_bytes:
         raise PayloadTooLarge(detail=f"declared {request.content_length} bytes")
+    content = request.content
     chunks: list[bytes] = []
     size = 0
     while True:
-        try:
-            async with asyncio.timeout(idle_s or None):
-                chunk = await request.content.readany()
-        except TimeoutError:
-            raise RequestBodyTimeout(detail=f"after {size} bytes") from None
+        # What has arrived already is taken without a wait, so without a timer: a small body
+        # usually comes in the same read as the head.
+        chunk = content.read_nowait()
+        if not chunk and not content.is_eof():
+            try:
+                async with asyncio.timeout(idle_s or None):
+                    chunk = await content.readany()
+            except TimeoutError:
+                raise RequestBodyTimeout(detail=f"after {size} bytes") from None
         if not chunk:
             return b"".join(chunks), True
         chunks.append(chunk)
@@ -122,7 +130,7 @@ async def replayable_body(
         if max_bytes and size > max_bytes:
             raise PayloadTooLarge
         if size > limit:
-            rest = _then_rest(chunks, request.content)
+            rest = _then_rest(chunks, content)
             if max_bytes or idle_s:
                 return CountedBody(rest, max_bytes, idle_s), False
             return rest, False
@@ -148,23 +156,29 @@ class StreamTimeouts:
     connect_s: float
     first_byte_s: float
     idle_s: float
+    _client: aiohttp.ClientTimeout = field(init=False, repr=False, compare=False)
 
-    def client_timeout(self) -> aiohttp.ClientTimeout:
+    def __post_init__(self) -> None:
         # aiohttp starts sock_read once the request is fully written and restarts it on every
         # read: until the headers it is the first-byte wait; ``send`` then sets it to idle_s.
-        return aiohttp.ClientTimeout(
+        client = aiohttp.ClientTimeout(
             total=None,
             connect=self.connect_s,
             sock_connect=self.connect_s,
             sock_read=self.first_byte_s,
         )
+        object.__setattr__(self, "_client", client)
+
+    def client_timeout(self) -> aiohttp.ClientTimeout:
+        return self._client
 
 
+@functools.lru_cache(maxsize=16)
 def stream_timeout(
     connect_s: float, idle_s: float, first_byte_s: float | None = None
 ) -> StreamTimeouts:
     """Timeouts for one relayed exchange; without ``first_byte_s`` the wait for the answer is
-    ``idle_s`` too."""
+    ``idle_s`` too. The same settings give the same (immutable) object, made once."""
     return StreamTimeouts(
         connect_s=connect_s,
         first_byte_s=idle_s if first_byte_s is None else first_byte_s,
@@ -185,7 +199,7 @@ def _idle_from_now(response: aiohttp.ClientResponse, idle_s: float) -> None:
 
 async def send(
     request: web.Request,
-    http: aiohttp.ClientSession,
+    session: ObservedSession,
     url: URL,
     headers: CIMultiDict[str],
     *,
@@ -195,17 +209,26 @@ async def send(
 ) -> aiohttp.ClientResponse:
     """Send the request on; failures before an answer raise ``unavailable(detail)``, and no
     answer within ``timeout.first_byte_s`` its 504 form (the call is cancelled: aiohttp closes
-    the connection)."""
+    the connection). The call is stamped with the request id and timed to its answer's headers
+    here (``session.calls``), as the traced sessions' calls are by their trace."""
+    calls = session.calls
+    calls.stamp(headers)
+    call = calls.classify(url)
+    started = time.perf_counter()
     try:
-        response = await http.request(
-            request.method,
-            url,
-            headers=headers,
-            data=data,
-            allow_redirects=False,
-            timeout=timeout.client_timeout(),
-            skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
-        )
+        try:
+            response = await session.http.request(
+                request.method,
+                url,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                timeout=timeout.client_timeout(),
+                skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
+            )
+        except BaseException as exc:
+            calls.failed(call, started, exc)
+            raise
     except (PayloadTooLarge, RequestBodyTimeout):
         raise
     except (aiohttp.ClientError, TimeoutError) as exc:
@@ -215,8 +238,16 @@ async def send(
             waited = f"no answer {timeout.first_byte_s:g} s after the request was sent"
             raise unavailable(f"{request.method} {url.host}: {waited}").timed_out() from None
         raise unavailable(f"{request.method} {url.host}: {type(exc).__name__}") from None
+    calls.answered(call, started, response)
     _idle_from_now(response, timeout.idle_s)
     return response
+
+
+class _WholeResponse(web.StreamResponse):
+    """A streamed response whose headers wait for its first body bytes (or its end) and leave
+    in the same write, as ``web.Response``'s do: for an answer with nothing left to wait for."""
+
+    _send_headers_immediately = False
 
 
 async def stream_back(
@@ -237,7 +268,10 @@ async def stream_back(
         out = filter_headers(upstream.headers, drop=_RESPONSE_DROP)
         if adjust_response is not None:
             adjust_response(out, upstream)
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=out)
+        # An answer already in whole (a small JSON body comes with its headers) leaves in one
+        # write; otherwise the headers go at once and the body follows as it comes.
+        kind = _WholeResponse if upstream.content.is_eof() else web.StreamResponse
+        response = kind(status=upstream.status, reason=upstream.reason, headers=out)
         length = upstream.headers.get("Content-Length")
         if length is not None and length.isdigit():
             # Bodies pass through undecoded, so the target's length stays exact.
@@ -269,7 +303,7 @@ async def stream_back(
 
 async def relay(
     request: web.Request,
-    http: aiohttp.ClientSession,
+    session: ObservedSession,
     url: URL,
     headers: CIMultiDict[str],
     *,
@@ -279,6 +313,6 @@ async def relay(
 ) -> web.StreamResponse:
     """Send the request to ``url`` and stream the response back to ``request``'s client."""
     upstream = await send(
-        request, http, url, headers, timeout=timeout, unavailable=unavailable, data=data
+        request, session, url, headers, timeout=timeout, unavailable=unavailable, data=data
     )
     return await stream_back(request, upstream)

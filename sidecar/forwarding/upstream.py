@@ -58,7 +58,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     timeout = stream_timeout(cfg.connect_timeout_s, cfg.idle_timeout_s, cfg.first_byte_timeout_s)
     return await relay(
         request,
-        services.upstream_http,
+        services.upstream_forward,
         url,
         upstream_headers(request, services),
         data=request_body(

@@ -29,7 +29,7 @@ from aiohttp.typedefs import Handler
 
 from sidecar.forwarding.usage import Unreadable, Usage, UsageObserver, observer_for
 from sidecar.forwarding.websocket import is_upgrade
-from sidecar.identity import header_identity
+from sidecar.identity import header_identity, header_user_key
 from sidecar.services import SERVICES, Services
 
 USAGE_EVENT = "sidecar.usage"
@@ -96,7 +96,7 @@ def metered(handler: Handler) -> Handler:
         user_key = call_id = ""
         slot = False
         if guards is not None:
-            user_key = services.user_key(header_identity(request, services))
+            user_key = header_user_key(request, services)
             call_id = secrets.token_hex(8)
             slot = await guards.admit(user_key, call_id, billed=billed or is_upgrade(request))
         cancelled = False

@@ -4,27 +4,27 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from sidecar.identity import header_identity
+from sidecar.identity import header_user_key
 from sidecar.routes.wallet import NO_STORE, balance_response, status_body
 from sidecar.services import SERVICES
 
 
 async def status(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
-    user_key = services.user_key(header_identity(request, services))
+    user_key = header_user_key(request, services)
     return web.json_response(await status_body(services, user_key), headers=NO_STORE)
 
 
 async def disconnect(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
-    user_key = services.user_key(header_identity(request, services))
+    user_key = header_user_key(request, services)
     await services.tokens.disconnect(user_key)
     return web.json_response({"connected": False}, headers=NO_STORE)
 
 
 async def balance(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
-    user_key = services.user_key(header_identity(request, services))
+    user_key = header_user_key(request, services)
     return await balance_response(services, user_key)
 
 

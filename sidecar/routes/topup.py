@@ -235,11 +235,12 @@ async def answer_payment_required(
     """Quota's small JSON 402 with ``X-Quota-Topup-Url`` added when its code is
     ``insufficient_credits``; the body goes out byte for byte. ``None`` for every other answer
     (the caller streams it as usual)."""
+    if upstream.status != 402:
+        return None
     length = upstream.headers.get("Content-Length", "")
     origin = configured_origin(services.config)
     if (
-        upstream.status != 402
-        or origin is None
+        origin is None
         or not length.isdigit()
         or int(length) > PEEK_MAX_BYTES
         or "json" not in upstream.headers.get("Content-Type", "")

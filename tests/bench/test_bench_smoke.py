@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RUN = ROOT / "bench" / "run.py"
 SMOKE_TIMEOUT_S = 180
 SIDECARS = ("sidecar", "sidecar_redis")
+FLOORS = ("floor_asyncio", "floor_uvloop")
 # Scenario → a path under ``by_target.<target>`` that must hold a number for each target named.
 MEASURED = {
     "latency_sequential": ("p50_ms",),
@@ -127,6 +128,34 @@ def test_sidecars_report_added_latency_throughput_and_streams(smoke: SmokeRun, t
     assert _is_number(_dig(results, "throughput", "one_core_rps", target))
     assert _is_number(_dig(results, "sse", "added", target, "last_byte", "p50_ms"))
     assert isinstance(_dig(results, "sse", "by_target", target, "bytes_identical"), bool)
+
+
+@pytest.mark.parametrize("scenario", sorted(MEASURED))
+@pytest.mark.parametrize("floor", FLOORS)
+def test_the_aiohttp_floor_is_measured_like_every_target_or_null_with_a_reason(
+    smoke: SmokeRun, scenario: str, floor: str
+) -> None:
+    value = _dig(smoke.results, *scenario.split("/"), "by_target", floor)
+    if floor in smoke.results["setup"]["targets"]:
+        assert _is_number(_dig(value, *MEASURED[scenario]))
+    else:
+        assert value is None
+        assert smoke.results["setup"]["skipped"][floor]
+
+
+def test_cpu_per_call_is_reported_beside_the_floor_on_the_sidecars_own_loop(
+    smoke: SmokeRun,
+) -> None:
+    throughput = smoke.results["throughput"]
+    loop = smoke.results["setup"]["sidecar_loop"]
+    assert loop in ("asyncio", "uvloop")
+    assert throughput["floor"] == f"floor_{loop}"
+    cpu = throughput["cpu_us_per_call_one_core"]
+    for target in ("direct", throughput["floor"], *SIDECARS):
+        assert _is_number(cpu[target]), target
+    # A ratio whenever the floor's clock ticks were not all zero in so short a run.
+    if cpu[throughput["floor"]]:
+        assert _is_number(throughput["cpu_vs_floor_one_core"]["sidecar"])
 
 
 @pytest.mark.parametrize("target", SIDECARS)

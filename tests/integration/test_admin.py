@@ -40,6 +40,23 @@ async def get(url: str, **kw: Any) -> tuple[int, Any]:
         return resp.status, body
 
 
+@pytest.mark.parametrize(("backlog", "expected"), [(None, 511), (2048, 2048)])
+async def test_every_listener_asks_the_kernel_for_the_configured_backlog(
+    monkeypatch: pytest.MonkeyPatch, backlog: int | None, expected: int
+) -> None:
+    asked: list[int] = []
+    create_server = asyncio.base_events.BaseEventLoop.create_server
+
+    async def spy(self: asyncio.AbstractEventLoop, *args: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs["backlog"])
+        return await create_server(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(asyncio.base_events.BaseEventLoop, "create_server", spy)
+    limits = {} if backlog is None else {"limits": {"backlog": backlog}}
+    async with running(**limits):
+        assert asked == [expected] * 3  # public, internal, admin
+
+
 async def test_readyz_asks_quota_discovery_only_when_configured_to(
     aiohttp_server: Callable[..., Any],
 ) -> None:

@@ -155,6 +155,55 @@ async def test_first_stream_chunk_arrives_before_the_stream_ends(stack: Stack) -
     resp.close()
 
 
+@pytest.fixture
+def internal_writes(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Every write the internal listener makes to its clients' connections, as the loop sees it."""
+    port = int(stack.internal_url.rsplit(":", 1)[1])
+    writes: list[bytes] = []
+    transport_class = asyncio.selector_events._SelectorSocketTransport  # type: ignore[attr-defined]
+    write, writelines = transport_class.write, transport_class.writelines
+
+    def ours(transport: asyncio.Transport) -> bool:
+        sockname = transport.get_extra_info("sockname")
+        return isinstance(sockname, tuple) and sockname[1] == port
+
+    def spy_write(self: asyncio.Transport, data: bytes) -> None:
+        if ours(self):
+            writes.append(bytes(data))
+        write(self, data)
+
+    def spy_writelines(self: asyncio.Transport, chunks: list[bytes]) -> None:
+        if ours(self):
+            writes.append(b"".join(chunks))
+        writelines(self, chunks)
+
+    monkeypatch.setattr(transport_class, "write", spy_write)
+    monkeypatch.setattr(transport_class, "writelines", spy_writelines)
+    return writes
+
+
+async def test_an_answer_that_came_whole_leaves_in_one_write_a_stream_head_at_once(
+    stack: Stack, internal_writes: list[bytes]
+) -> None:
+    await stack.connect("alice")
+    resp = await stack.chat("alice")
+    body = await resp.read()
+    assert resp.status == 200
+    [whole] = internal_writes
+    assert whole.startswith(b"HTTP/1.1 200")
+    assert whole.endswith(body)
+
+    internal_writes.clear()
+    stack.quota.settings.chunk_delay_s = 0.05
+    resp = await stack.chat("alice", stream=True)
+    events = sse_events(resp)
+    assert (await anext(events)).startswith("data: ")
+    # The head went out on its own, before the first event was there to go with it.
+    assert internal_writes[0].startswith(b"HTTP/1.1 200")
+    assert internal_writes[0].endswith(b"\r\n\r\n")
+    assert [event async for event in events][-1] == "data: [DONE]"
+
+
 @pytest.mark.parametrize(
     "path",
     [

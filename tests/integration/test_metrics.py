@@ -7,6 +7,7 @@ each test scrapes and parses the exposition as Prometheus would.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 
 import aiohttp
@@ -14,6 +15,7 @@ import pytest
 from multidict import CIMultiDict
 
 from sidecar.metrics import CONNECT_ERRORS
+from sidecar.wire_times import TimedResponseHandler
 from tests.integration.conftest import Stack
 from tests.scrape import scrape, wait_for_value
 from tests.support import sse_events
@@ -224,3 +226,25 @@ async def test_a_client_that_leaves_mid_stream_is_counted_as_499(stack: Stack) -
         status="499",
     )
     assert final.value("quota_sidecar_open_streams", listener="internal", route="v1") == 0
+
+
+async def test_time_the_sidecar_spends_after_quotas_answer_was_read_counts_as_added(
+    stack: Stack, access_lines: list[logging.LogRecord], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop busy elsewhere between reading Quota's answer and resuming the call (here: held
+    for BUSY_S right after the read) is the sidecar's own time, not Quota's."""
+    await stack.connect("alice")
+    busy_s = 0.5
+    data_received = TimedResponseHandler.data_received
+
+    def then_busy(self: TimedResponseHandler, data: bytes) -> None:
+        data_received(self, data)
+        time.sleep(busy_s)  # other requests' work in the same turn of the loop
+
+    monkeypatch.setattr(TimedResponseHandler, "data_received", then_busy)
+    resp = await stack.chat("alice")
+    assert resp.status == 200
+    await resp.read()
+    line = next(r for r in access_lines if getattr(r, "route", None) == "v1").__dict__
+    assert line["added_ms"] >= busy_s * 1000
+    assert line["upstream_ms"] < busy_s * 1000

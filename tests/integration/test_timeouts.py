@@ -23,6 +23,7 @@ from aiohttp import web
 
 from sidecar.config_loader import ConfigError
 from tests.integration.conftest import Stack
+from tests.scrape import scrape
 from tests.support import make_config, make_tokens
 
 FIRST_BYTE_S = 0.5
@@ -146,6 +147,20 @@ async def test_an_answer_that_does_not_start_in_time_is_a_504_and_the_call_is_ca
     assert status == 504
     assert json.loads(body)["error"]["code"] == f"{target.name}_timeout"
     await asyncio.wait_for(standin.left.wait(), WAIT_S)  # the outgoing call was cut, not left
+
+
+async def test_an_answer_that_does_not_start_in_time_is_counted_as_a_timeout_of_that_call(
+    target: Target,
+) -> None:
+    status, _ = await asyncio.wait_for(target.call("POST", "/no-answer", data=b"{}"), WAIT_S)
+    assert status == 504
+    status, _ = await asyncio.wait_for(target.call("POST", "/upload", data=b"{}"), WAIT_S)
+    assert status == 200
+    scraped = await scrape(target.stack.admin_url)
+    family, call = ("quota", "v1") if target.name == "quota" else ("app", "proxy")
+    assert scraped.value(f"quota_sidecar_{family}_errors_total", call=call, code="timeout") == 1
+    # The duration counts the call that was answered; the other counts as an error only.
+    assert scraped.value(f"quota_sidecar_{family}_request_duration_seconds_count", call=call) == 1
 
 
 async def test_pauses_after_the_answer_started_may_last_longer_than_the_first_byte_timeout(

@@ -183,6 +183,11 @@ async def test_every_worker_serves_the_same_ports_with_one_users_tokens(tree: Tr
 async def test_metrics_sum_every_worker_whichever_answers_the_scrape(tree: Tree) -> None:
     await connect(tree, "alice")
     await billed_calls(tree, "alice", 40)
+
+    async def copied() -> bool:  # each worker copies its figures at least once a second
+        return await metric(tree.admin_url, BILLED) == 40.0
+
+    await wait_until(copied, within_s=5, what="every worker's calls in the scrape")
     seen = {await metric(tree.admin_url, BILLED) for _ in range(8)}
     assert seen == {40.0}, seen
     assert await metric(tree.admin_url, "quota_sidecar_workers") == WORKERS
@@ -200,6 +205,11 @@ async def _metrics_text(admin_url: str) -> str:
 async def test_a_worker_that_dies_is_replaced_and_its_counts_are_kept(tree: Tree) -> None:
     await connect(tree, "alice")
     await billed_calls(tree, "alice", 20)
+
+    async def copied() -> bool:  # what a killed worker counted after its last copy is lost
+        return await metric(tree.admin_url, BILLED) == 20.0
+
+    await wait_until(copied, within_s=5, what="every worker's calls copied")
     before = tree.worker_pids()
     assert len(before) == WORKERS
     os.kill(before[0], signal.SIGKILL)
@@ -217,7 +227,11 @@ async def test_a_worker_that_dies_is_replaced_and_its_counts_are_kept(tree: Tree
     # The dead worker's calls still count: counters never go backwards.
     assert await metric(tree.admin_url, BILLED) == 20.0
     assert await billed_calls(tree, "alice", 20) == [200] * 20
-    assert await metric(tree.admin_url, BILLED) == 40.0
+
+    async def all_counted() -> bool:
+        return await metric(tree.admin_url, BILLED) == 40.0
+
+    await wait_until(all_counted, within_s=5, what="the new calls counted with the old")
     assert "died (signal SIGKILL); replacing it" in tree.log_path.read_text()
 
 

@@ -171,6 +171,7 @@ def test_a_wait_skew_outside_zero_to_the_refresh_skew_is_refused(
         ),
         ({"identity": {"header": "Cookie"}}, "identity.header: 'Cookie' is not usable"),
         ({"upstream": {"url": "http://app:3000?x=1"}}, "upstream.url: must not carry a query"),
+        ({"limits": {"backlog": 0}}, "limits.backlog: must be greater than 0, got 0"),
         ({"colours": {}}, "colours: unknown section"),
         ({"quota": "x"}, "quota: must be a mapping"),
     ],

@@ -7,6 +7,8 @@ import json
 import logging
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sidecar.log import JsonFormatter, TextFormatter, redact
 
@@ -42,6 +44,52 @@ def test_quota_credentials_are_masked_by_prefix(secret: str) -> None:
 )
 def test_credential_shaped_values_are_masked(text: str, hidden: str) -> None:
     assert hidden not in redact(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "quota_token_x1",
+        "quota_refresh_x1",
+        "quota_secret_x1",
+        "sk-quota-x1",
+        "sess_x1",
+        "whsec_x1",
+        "BEARER x1",
+        "basic x1",
+        "CODE=x1",
+        "state=x1",
+        "code_verifier=x1",
+        "Refresh_Token=x1",
+        "access_token=x1",
+        "client_secret=x1",
+        "token=x1",
+        "key=x1",
+        "API_KEY=x1",
+        "cookie: x1",
+        "Set-Cookie: x1",
+        "authorization=x1",
+        "\u017ftate=x1",  # a long s: the patterns ignore case the Unicode way
+    ],
+)
+def test_every_kind_of_credential_the_patterns_know_is_masked(text: str) -> None:
+    assert "x1" not in redact(f"GET /path?{text} HTTP")
+
+
+_FRAGMENTS = st.sampled_from(
+    [
+        *("quota_", "token", "TOKEN", "_", "-", "sk-quota-", "sess_", "whsec_", "Bearer"),
+        *("basic", "code", "state", "key", "Secret", "cookie", "Authorization", "=", ": "),
+        *('"', "'", " ", "&", "?", "/", "v1", "abc", "9f"),
+    ]
+)
+
+
+@given(st.lists(_FRAGMENTS | st.characters(max_codepoint=127), max_size=40).map("".join))
+def test_text_with_nothing_to_mask_is_returned_as_the_patterns_would_leave_it(text: str) -> None:
+    # Text that is not ASCII always goes through every pattern; a line break cannot be part of
+    # a masked run, so appending one and a non-ASCII letter shows what the patterns make of it.
+    assert redact(text) == redact(text + "\n\u00e9").removesuffix("\n\u00e9")
 
 
 def _capture(formatter: logging.Formatter) -> tuple[logging.Logger, io.StringIO]:
