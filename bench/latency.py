@@ -31,7 +31,7 @@ from typing import Any
 from bench import load
 from bench.http1 import Client, build_request
 from bench.procs import cpu_seconds, cpus, pinned
-from bench.rig import CHAT_BODY, CHAT_PATH, SIDECARS, TARGET_NAMES, Rig, chat_headers
+from bench.rig import ALL_SIDECARS, CHAT_BODY, CHAT_PATH, TARGET_NAMES, Rig, chat_headers
 from bench.stats import added, ratio, summary_ms
 
 BLOCK = 50  # requests per target before moving to the next one
@@ -229,6 +229,6 @@ def throughput_summary(
         # The sidecar's CPU per call as a multiple of the bare aiohttp stack's: 1.0 would mean
         # that everything it spends is the stack's price, nothing its own.
         "floor": floor,
-        "cpu_vs_floor_one_core": {n: ratio(cpu_one[n], floor_cpu) for n in SIDECARS},
+        "cpu_vs_floor_one_core": {n: ratio(cpu_one[n], floor_cpu) for n in ALL_SIDECARS},
         "note": "the load generator and the stub run on the same two cores as the proxy",
     }

@@ -1,7 +1,7 @@
 """The run's results: verdicts against the targets, a table for the terminal, the JSON files.
 
-Targets are the issue's numbers, each checked for both sidecar variants (memory and Redis
-store) when they were measured. A verdict is ``True``/``False``, or ``None`` when the number is
+Targets are the issue's numbers, each checked for the sidecar variants (memory and Redis store,
+and for latency, throughput and SSE the Redis one with ``--workers``) when they were measured. A verdict is ``True``/``False``, or ``None`` when the number is
 missing (a target that was skipped, with its reason in the results).
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.rig import SIDECARS, TARGET_NAMES
+from bench.rig import ALL_SIDECARS, SIDECARS, TARGET_NAMES
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,7 @@ GOALS = (
         "ms",
         False,
         lambda r, v: _num(_dig(r, "latency_sequential", "added", v, "p50_ms")),
+        ALL_SIDECARS,
     ),
     Goal(
         "sequential_added_p99",
@@ -87,6 +88,7 @@ GOALS = (
         "ms",
         False,
         lambda r, v: _num(_dig(r, "latency_sequential", "added", v, "p99_ms")),
+        ALL_SIDECARS,
     ),
     Goal(
         "paused_added_p50",
@@ -95,6 +97,7 @@ GOALS = (
         "ms",
         False,
         lambda r, v: _num(_dig(r, "latency_sequential_paused", "added", v, "p50_ms")),
+        ALL_SIDECARS,
     ),
     Goal(
         "c64_added_p99",
@@ -103,6 +106,7 @@ GOALS = (
         "ms",
         False,
         lambda r, v: _num(_dig(r, "latency_concurrent", "c64", "added", v, "p99_ms")),
+        ALL_SIDECARS,
     ),
     Goal(
         "throughput_vs_nginx_all_cores",
@@ -111,6 +115,7 @@ GOALS = (
         "x",
         True,
         lambda r, v: _num(_dig(r, "throughput", "vs_nginx_all_cores", v)),
+        ALL_SIDECARS,
     ),
     Goal(
         "throughput_vs_nginx_one_core",
@@ -119,6 +124,7 @@ GOALS = (
         "x",
         True,
         lambda r, v: _num(_dig(r, "throughput", "vs_nginx_one_core", v)),
+        ALL_SIDECARS,
     ),
     Goal(
         "sse_added_ttfb_p50",
@@ -127,6 +133,7 @@ GOALS = (
         "ms",
         False,
         lambda r, v: _num(_dig(r, "sse", "added", v, "first_byte", "p50_ms")),
+        ALL_SIDECARS,
     ),
     Goal(
         "sse_rechunked",
@@ -135,6 +142,7 @@ GOALS = (
         "",
         False,
         _rechunked,
+        ALL_SIDECARS,
     ),
     Goal(
         "redis_round_trips",

@@ -6,6 +6,7 @@
           ──► floor_uvloop   = the same on uvloop ──► the stub
           ──► sidecar        = python -m sidecar run, memory store ──► the stub
           ──► sidecar_redis  = the same with a Redis store ──► the stub
+          ──► sidecar_workers = the same with --workers auto (one per CPU) ──► the stub
 
 Without nginx the aiohttp stub answers everything itself and the ``nginx`` target is skipped
 with its reason; without a Redis that answers, ``sidecar_redis`` is; without uvloop,
@@ -35,8 +36,13 @@ from bench.stub import CHAT_JSON
 START_TIMEOUT_S = 15.0
 STUB_SCRIPT = Path(__file__).with_name("stub.py")
 FLOOR_SCRIPT = Path(__file__).with_name("floor.py")
-TARGET_NAMES = ("direct", "nginx", "floor_asyncio", "floor_uvloop", "sidecar", "sidecar_redis")
-SIDECARS = ("sidecar", "sidecar_redis")
+TARGET_NAMES = (
+    "direct", "nginx", "floor_asyncio", "floor_uvloop", "sidecar", "sidecar_redis",
+    "sidecar_workers",
+)  # fmt: skip
+SIDECARS = ("sidecar", "sidecar_redis")  # one process each: storms, memory, Redis costs
+# Every sidecar target, for what is measured on all of them (latency, throughput, SSE).
+ALL_SIDECARS = (*SIDECARS, "sidecar_workers")
 FLOORS = {"asyncio": "floor_asyncio", "uvloop": "floor_uvloop"}  # event loop → floor target
 CHAT_PATH = "/v1/chat/completions"
 CHAT_BODY = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello."}]}'
@@ -259,6 +265,33 @@ def start_rig(
         asyncio.run(connect_users(sidecar, users))
         rig.connected_at[name] = time.monotonic()
         rig.targets[name] = Target(name, sidecar.internal_port, (sidecar.pid,), sidecar)
+
+    # The Redis sidecar again with ``--workers auto``: one worker per CPU, as an operator would
+    # run it on a machine of its own. Its pid is the supervisor's; what is measured counts the
+    # workers under it.
+    if "sidecar_workers" in skip:
+        rig.skipped["sidecar_workers"] = "left out on request (--skip sidecar_workers)"
+    elif rig.redis_url is None:
+        rig.skipped["sidecar_workers"] = f"needs the Redis store: {why_not}"
+    else:
+        sidecar = start_sidecar(
+            children,
+            "sidecar_workers",
+            quota_url=rig.quota_url,
+            upstream_url=f"http://127.0.0.1:{stub_port}",
+            session_secret=rig.session_secret,
+            store=rig.redis_url,
+            key_prefix=f"{rig.key_prefix}-workers",
+            log_level=sidecar_log_level,
+            cwd=workdir,
+            base_env=sidecar_env,
+            loop=sidecar_loop,
+            workers="auto",
+        )
+        asyncio.run(connect_users(sidecar, {STEADY_USER: STEADY_TTL_S}))
+        rig.targets["sidecar_workers"] = Target(
+            "sidecar_workers", sidecar.internal_port, (sidecar.pid,), sidecar
+        )
     return rig
 
 

@@ -160,7 +160,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--skip",
         action="append",
         default=[],
-        choices=("nginx", "floor", "sidecar_redis"),
+        choices=("nginx", "floor", "sidecar_redis", "sidecar_workers"),
         help="leave a target out (its columns are null, with this as the reason); repeatable",
     )
     parser.add_argument(

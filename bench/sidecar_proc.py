@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,7 @@ def start_sidecar(
     cwd: Path,
     base_env: Mapping[str, str],
     loop: str = "asyncio",
+    workers: str = "1",
 ) -> SidecarTarget:
     public, internal, admin = free_port(), free_port(), free_port()
     env = {
@@ -86,9 +88,21 @@ def start_sidecar(
         env["REDIS_URL"] = store
     # Named, not left to ``auto``: the floor it is compared with runs on the same loop.
     env["QUOTA_SIDECAR_LOOP"] = loop
-    child = children.start(name, [sys.executable, "-m", "sidecar", "run"], env=env, cwd=cwd)
+    argv = [sys.executable, "-m", "sidecar", "run", "--workers", workers]
+    child = children.start(name, argv, env=env, cwd=cwd)
     wait_listening(child, internal, START_TIMEOUT_S)
+    if workers != "1":
+        _wait_for_every_worker(child)
     return SidecarTarget(name, child, public, internal, admin, store, key_prefix)
+
+
+def _wait_for_every_worker(child: Child) -> None:
+    """The supervisor logs "<n> workers ready" once each worker listens."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while "workers ready" not in child.log_path.read_text(errors="replace"):
+        if not child.alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"{child.name}: not every worker started:\n{child.log_tail()}")
+        time.sleep(0.05)
 
 
 async def connect_user(
