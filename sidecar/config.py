@@ -156,8 +156,8 @@ class TokensConfig:
     # Cross-replica refresh lock lease; renewed while the token call runs.
     lock_ttl_s: float = 10.0
     key_prefix: str = "quota-sidecar"
-    # Redis store: an opened record is kept in the process this long between calls (never past
-    # its refresh point), dropped at once when any replica changes it; 0 reads Redis every call.
+    # An opened record is kept in the process this long between calls (never into the wait
+    # skew), dropped at once when any replica changes it; 0 reads the store on every call.
     cache_ttl_s: float = 30.0
 
 

@@ -29,11 +29,12 @@ from sidecar.guards import UserGuards, create_guards
 from sidecar.hooks import EventSink, create_sink, user_resolver
 from sidecar.metrics import Metrics
 from sidecar.oauth import QuotaClient
-from sidecar.tokens.cache import RecordCache
+from sidecar.tokens.cache import ChangeNotices, RecordCache
 from sidecar.tokens.counted import CountedStore
 from sidecar.tokens.crypto import Sealer, UserKeys, derive_key
 from sidecar.tokens.factory import create_store, redis_store_of
 from sidecar.tokens.manager import RefreshCoordinator, TokenManager
+from sidecar.tokens.memory import MemoryTokenStore
 from sidecar.tokens.store import TokenStore
 from sidecar.wire_times import TimedResponse, timed_connector
 
@@ -162,12 +163,17 @@ async def open_services(
     tokens: TokenManager | None = None
     try:
         quota = QuotaClient(quota_http, config.quota, clock=clock)
+        # Opened records kept between calls: dropped by the Redis coordinator's change notices,
+        # or by the memory store itself on every write (sidecar.tokens.cache).
+        notices: ChangeNotices | None = redis_coordinator
+        if notices is None and isinstance(token_store, MemoryTokenStore):
+            notices = token_store
         cache = None
-        if redis_coordinator is not None and config.tokens.cache_ttl_s > 0:
+        if notices is not None and config.tokens.cache_ttl_s > 0:
             cache = RecordCache(
-                redis_coordinator,
+                notices,
                 ttl_s=config.tokens.cache_ttl_s,
-                refresh_skew_s=config.tokens.refresh_skew_s,
+                wait_skew_s=config.tokens.refresh_wait_skew_s,
             )
         tokens = TokenManager(
             CountedStore(token_store, metrics),

@@ -6,8 +6,13 @@ replica changes it: every write script publishes on the user's change channel (s
 ``redis_store``), and the refresh coordinator's subscription hands each notice to ``drop``.
 
 A copy is trusted only while that subscription is up and has not restarted since the copy was
-made (a notice can be missed while it is down), for at most ``ttl_s``, and never past the point
-where the token needs refreshing. The race between a read and a notice::
+made (a notice can be missed while it is down), for at most ``ttl_s``, and never into the last
+``tokens.refresh_wait_skew_s`` before the token expires, where callers wait for its refresh.
+Inside the refresh window before that, the copy still serves while the token manager refreshes
+in the background; the refresh's write drops it.
+
+The memory store is its own source of notices (``MemoryTokenStore.on_change``): every write
+drops the copy at once, and copies save it the AES-GCM open and the JSON of every call. The race between a read and a notice::
 
     replica A                               Redis                      replica B
     mark = cache.mark()
@@ -31,7 +36,7 @@ MAX_ENTRIES = 100_000  # about 0.5 KB each; the oldest go first past this
 
 
 class ChangeNotices(Protocol):
-    """Where change notices come from (``RedisRefreshCoordinator``)."""
+    """Where change notices come from (``RedisRefreshCoordinator``, ``MemoryTokenStore``)."""
 
     @property
     def subscribed(self) -> bool: ...
@@ -55,12 +60,12 @@ class RecordCache:
         notices: ChangeNotices,
         *,
         ttl_s: float,
-        refresh_skew_s: float,
+        wait_skew_s: float,
         max_entries: int = MAX_ENTRIES,
     ) -> None:
         self._notices = notices
         self._ttl_s = ttl_s
-        self._skew_s = refresh_skew_s
+        self._skew_s = wait_skew_s
         self._max = max_entries
         self._entries: dict[str, _Entry] = {}
         self._changes = 0  # every drop, any user: a mark older than a drop is refused

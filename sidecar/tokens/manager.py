@@ -141,20 +141,21 @@ class TokenManager:
         cache = self._cache
         mark = 0
         if cache is not None:
-            cached = cache.get(user_key, now)
+            cached = cache.get(user_key, now)  # never kept into the wait skew
             if cached is not None:
+                if cached.expires_within(now, self._skew):
+                    self._refresh_ahead(user_key, cached, now)
                 return cached
             mark = cache.mark()
         record = await self.store.get(user_key)
         if record is None:
             raise WalletNotConnected
-        if not record.expires_within(now, self._skew):
-            if cache is not None:
-                cache.remember(user_key, record, mark, now)
-            return record
         if record.expires_within(now, self._wait_skew) or not record.is_valid_at(now):
             return await self._single_flight(user_key, stale_version=None)
-        self._refresh_ahead(user_key, record, now)
+        if cache is not None:
+            cache.remember(user_key, record, mark, now)
+        if record.expires_within(now, self._skew):
+            self._refresh_ahead(user_key, record, now)
         return record
 
     def _refresh_ahead(self, user_key: str, record: TokenRecord, now: float) -> None:

@@ -84,6 +84,25 @@ class MemoryTokenStore:
         self._quota_user_of: dict[str, str] = {}
         self._events: dict[str, float] = {}  # fingerprint of an event id -> deadline
         self._connects: dict[str, tuple[float, bytes]] = {}  # state fingerprint -> (deadline, blob)
+        self._watchers: list[Callable[[str], None]] = []
+
+    # Change notices for the record cache (``sidecar.tokens.cache.ChangeNotices``): every change
+    # of a user's record is told at once, in the same step, so a copy never outlives it.
+
+    @property
+    def subscribed(self) -> bool:
+        return True  # notices cannot be missed: they are calls in this process
+
+    @property
+    def generation(self) -> int:
+        return 0
+
+    def on_change(self, callback: Callable[[str], None]) -> None:
+        self._watchers.append(callback)
+
+    def _changed(self, user_key: str) -> None:
+        for callback in self._watchers:
+            callback(user_key)
 
     async def get(self, user_key: str) -> TokenRecord | None:
         return self._open(user_key)
@@ -116,6 +135,7 @@ class MemoryTokenStore:
 
     async def delete(self, user_key: str) -> bool:
         self._unindex(user_key)
+        self._changed(user_key)
         return self._entries.pop(user_key, None) is not None
 
     async def compare_and_delete(self, user_key: str, expected_version: int) -> bool:
@@ -124,6 +144,7 @@ class MemoryTokenStore:
             return False
         del self._entries[user_key]
         self._unindex(user_key)
+        self._changed(user_key)
         return True
 
     async def remember_rotation(self, user_key: str, old_refresh_token: str, ttl_s: float) -> None:
@@ -226,6 +247,7 @@ class MemoryTokenStore:
         if record.quota_user_id is not None:
             self._quota_user_of[user_key] = record.quota_user_id
             self._by_quota_user.setdefault(record.quota_user_id, {})[user_key] = self._clock()
+        self._changed(user_key)
         return record.with_version(version)
 
     def _unindex(self, user_key: str) -> None:
@@ -247,6 +269,7 @@ class MemoryTokenStore:
     def plant_sealed_entry(self, user_key: str, entry: SealedEntry) -> None:
         """Test hook: store ``entry`` under ``user_key`` as is, without sealing anything."""
         self._entries[user_key] = entry
+        self._changed(user_key)
 
     def rotation_marks(self, user_key: str) -> list[str]:
         """Test hook: the fingerprints of spent refresh tokens held for ``user_key``."""

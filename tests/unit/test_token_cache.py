@@ -27,7 +27,7 @@ class Notices:
 
 
 def cache_with(notices: Notices, **kw: float) -> RecordCache:
-    return RecordCache(notices, ttl_s=kw.get("ttl_s", 30.0), refresh_skew_s=30.0)
+    return RecordCache(notices, ttl_s=kw.get("ttl_s", 30.0), wait_skew_s=30.0)
 
 
 def test_a_record_read_with_no_notice_since_is_kept_and_served() -> None:
@@ -88,7 +88,7 @@ def test_a_copy_lives_at_most_ttl_and_never_past_the_refresh_point() -> None:
 
 def test_the_cache_is_bounded_and_lets_the_oldest_go() -> None:
     notices = Notices()
-    cache = RecordCache(notices, ttl_s=30.0, refresh_skew_s=30.0, max_entries=3)
+    cache = RecordCache(notices, ttl_s=30.0, wait_skew_s=30.0, max_entries=3)
     for n in range(5):
         cache.remember(f"u{n}", make_tokens(now=NOW), cache.mark(), NOW)
     assert len(cache) == 3
