@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict
 
+from sidecar.log import JsonFormatter
 from sidecar.metrics import CONNECT_ERRORS
 from sidecar.wire_times import TimedResponseHandler
 from tests.integration.conftest import Stack
@@ -248,3 +249,22 @@ async def test_time_the_sidecar_spends_after_quotas_answer_was_read_counts_as_ad
     line = next(r for r in access_lines if getattr(r, "route", None) == "v1").__dict__
     assert line["added_ms"] >= busy_s * 1000
     assert line["upstream_ms"] < busy_s * 1000
+
+
+async def test_an_api_key_in_a_v1_query_is_masked_in_the_access_line(
+    stack: Stack, access_lines: list[logging.LogRecord]
+) -> None:
+    """Gemini's REST API takes its key as ``?key=``: a client that sends one must not see it
+    written to the log, whatever Quota answers."""
+    await stack.connect("alice")
+    secret = "AIzaSyNotARealKey0123456789"
+    resp = await stack.backend.post(
+        f"{stack.internal_url}/v1beta/models/gemini-2.0-flash:generateContent?key={secret}&alt=sse",
+        json={"contents": [{"parts": [{"text": "hi"}]}]},
+        headers={"X-Quota-User": "alice"},
+    )
+    await resp.read()
+    line = next(r for r in access_lines if "/v1beta/" in str(r.__dict__.get("path")))
+    assert secret not in line.__dict__["path"]
+    assert "key=***" in line.__dict__["path"]
+    assert secret not in JsonFormatter().format(line)  # the line as written to stdout
