@@ -24,7 +24,9 @@ import redis
 ROOT = Path(__file__).resolve().parents[2]
 RUN = ROOT / "bench" / "run.py"
 SMOKE_TIMEOUT_S = 180
-SIDECARS = ("sidecar", "sidecar_redis")
+SIDECARS = ("sidecar", "sidecar_redis")  # one process each: every scenario
+# Every sidecar target of the load scenarios (the Redis one with --workers auto as well).
+LOADED_SIDECARS = (*SIDECARS, "sidecar_workers")
 FLOORS = ("floor_asyncio", "floor_uvloop")
 # Scenario → a path under ``by_target.<target>`` that must hold a number for each target named.
 MEASURED = {
@@ -98,8 +100,8 @@ def test_smoke_run_writes_only_its_own_file_and_never_the_recorded_results(
 
 
 @pytest.mark.parametrize("scenario", sorted(MEASURED))
-@pytest.mark.parametrize("target", ["direct", *SIDECARS])
-def test_every_load_scenario_has_a_number_for_the_direct_call_and_both_sidecars(
+@pytest.mark.parametrize("target", ["direct", *LOADED_SIDECARS])
+def test_every_load_scenario_has_a_number_for_the_direct_call_and_every_sidecar(
     smoke: SmokeRun, scenario: str, target: str
 ) -> None:
     value = _dig(smoke.results, *scenario.split("/"), "by_target", target, *MEASURED[scenario])
@@ -119,7 +121,7 @@ def test_nginx_columns_hold_numbers_or_are_null_with_a_reason(
         assert setup["skipped"]["nginx"]
 
 
-@pytest.mark.parametrize("target", SIDECARS)
+@pytest.mark.parametrize("target", LOADED_SIDECARS)
 def test_sidecars_report_added_latency_throughput_and_streams(smoke: SmokeRun, target: str) -> None:
     results = smoke.results
     assert _is_number(_dig(results, "latency_sequential", "added", target, "p99_ms"))
@@ -151,7 +153,7 @@ def test_cpu_per_call_is_reported_beside_the_floor_on_the_sidecars_own_loop(
     assert loop in ("asyncio", "uvloop")
     assert throughput["floor"] == f"floor_{loop}"
     cpu = throughput["cpu_us_per_call_one_core"]
-    for target in ("direct", throughput["floor"], *SIDECARS):
+    for target in ("direct", throughput["floor"], *LOADED_SIDECARS):
         assert _is_number(cpu[target]), target
     # A ratio whenever the floor's clock ticks were not all zero in so short a run.
     if cpu[throughput["floor"]]:
@@ -250,10 +252,12 @@ def test_without_nginx_the_run_succeeds_and_its_columns_are_null_with_the_reason
     assert results["errors"] == {}
     assert results["setup"]["skipped"]["nginx"]
     assert results["setup"]["skipped"]["sidecar_redis"]
+    assert "needs the Redis store" in results["setup"]["skipped"]["sidecar_workers"]
     for scenario in MEASURED:
         by_target = _dig(results, *scenario.split("/"), "by_target")
         assert by_target["nginx"] is None, scenario
         assert by_target["sidecar_redis"] is None, scenario
+        assert by_target["sidecar_workers"] is None, scenario
         assert _is_number(_dig(by_target, "sidecar", *MEASURED[scenario])), scenario
     assert results["throughput"]["vs_nginx_all_cores"]["sidecar"] is None
     assert "skipped" in results["redis_round_trips"]
