@@ -163,7 +163,7 @@ def hold_addresses(config: Config) -> tuple[Config, list[socket.socket]]:
                 )
             except socket.gaierror as exc:
                 raise ListenError(f"listen.{name}: cannot resolve {host!r}: {exc}") from None
-            for family, _, _, _, sockaddr in dict.fromkeys((i[0], *i[1:]) for i in infos):
+            for family, _, _, _, sockaddr in dict.fromkeys(infos):  # once each, in order
                 at = (sockaddr[0], port, *sockaddr[2:])
                 try:
                     probe = _socket_for(family, reuse_port=False)
@@ -331,10 +331,10 @@ class Supervisor:
             return
         if worker is not None and data:
             worker.ready = True
-            if not self._all_ready_logged and all(w.ready for w in self.workers.values()):
-                self._all_ready_logged = len(self.workers) == self.count
-                if self._all_ready_logged:
-                    log.info("%d workers ready", self.count)
+            ready = sum(w.ready for w in self.workers.values())
+            if not self._all_ready_logged and ready == self.count:
+                self._all_ready_logged = True
+                log.info("%d workers ready", self.count)
             return
         self._close_ready(fd, worker)  # end of file: the worker is exiting
 
