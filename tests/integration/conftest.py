@@ -15,7 +15,10 @@ from sidecar.config import Config
 from sidecar.mock_quota import MockQuota, create_app
 from sidecar.mock_quota.clients import Client
 from sidecar.services import Services, make_sealer, open_services
+from sidecar.tokens.crypto import Sealer
 from sidecar.tokens.factory import create_store
+from sidecar.tokens.model import TokenRecord
+from sidecar.tokens.redis_store import RedisTokenStore
 from sidecar.tokens.store import TokenStore
 from tests.support import (
     Browser,
@@ -25,6 +28,17 @@ from tests.support import (
     create_stub_upstream,
     make_config,
 )
+
+
+@pytest.fixture
+async def redis_token_store(
+    redis_url: str, redis_prefix: str, make_sealer: Callable[..., Sealer]
+) -> AsyncIterator[RedisTokenStore]:
+    """A Redis token store on the test Redis, under the test's own prefix; closed after it."""
+    made = create_store(redis_url, make_sealer(), prefix=redis_prefix)
+    assert isinstance(made, RedisTokenStore)
+    yield made
+    await made.close()
 
 
 def free_port() -> int:
@@ -60,6 +74,24 @@ class Stack:
         consent = await self.browser.get(f"{self.public_url}/auth/quota/connect?return_to=/home")
         assert consent.status == 200, await consent.text()
         return await approve_consent(self.browser, consent, email or f"{user}@example.com")
+
+    async def replace_grant(self, user: str, expected_version: int) -> dict[str, Any]:
+        """Store a new grant of ``user``'s over the record at ``expected_version``, as a connect
+        on another replica would (compare-and-set); Quota's token answer for it."""
+        newer: dict[str, Any] = self.quota.issue_grant(self.client.client_id, f"{user}@example.com")
+        written = await self.store.compare_and_set(
+            self.user_key(user),
+            expected_version,
+            TokenRecord(
+                access_token=newer["access_token"],
+                refresh_token=newer["refresh_token"],
+                expires_at=self.clock() + newer["expires_in"],
+                scope=newer["scope"],
+                obtained_at=self.clock(),
+            ),
+        )
+        assert written is not None
+        return newer
 
     async def chat(
         self, user: str, *, stream: bool = False, **extra: Any

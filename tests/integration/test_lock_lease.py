@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 
-from sidecar.tokens.crypto import Sealer
-from sidecar.tokens.factory import create_store
 from sidecar.tokens.lock import RedisRefreshCoordinator
 from sidecar.tokens.redis_store import RedisTokenStore
 
@@ -18,13 +15,8 @@ ENDS_WITHIN_S = 5.0
 
 
 @pytest.fixture
-async def store(
-    redis_url: str, redis_prefix: str, make_sealer: Callable[..., Sealer]
-) -> AsyncIterator[RedisTokenStore]:
-    made = create_store(redis_url, make_sealer(), prefix=redis_prefix)
-    assert isinstance(made, RedisTokenStore)
-    yield made
-    await made.close()
+def store(redis_token_store: RedisTokenStore) -> RedisTokenStore:
+    return redis_token_store
 
 
 class SwallowingRenewal:

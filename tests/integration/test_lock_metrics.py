@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
 
 import pytest
 from prometheus_client import generate_latest
 
 from sidecar.errors import RefreshUnavailable
 from sidecar.metrics import Metrics
-from sidecar.tokens.crypto import Sealer
-from sidecar.tokens.factory import create_store
 from sidecar.tokens.lock import RedisRefreshCoordinator
 from sidecar.tokens.redis_store import RedisTokenStore
 from tests.scrape import parse
@@ -20,13 +17,8 @@ WAIT = "quota_sidecar_refresh_lock_wait_seconds"
 
 
 @pytest.fixture
-async def store(
-    redis_url: str, redis_prefix: str, make_sealer: Callable[..., Sealer]
-) -> AsyncIterator[RedisTokenStore]:
-    made = create_store(redis_url, make_sealer(), prefix=redis_prefix)
-    assert isinstance(made, RedisTokenStore)
-    yield made
-    await made.close()
+def store(redis_token_store: RedisTokenStore) -> RedisTokenStore:
+    return redis_token_store
 
 
 def replica(store: RedisTokenStore, metrics: Metrics, max_wait_s: float) -> RedisRefreshCoordinator:

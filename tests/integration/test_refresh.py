@@ -301,21 +301,7 @@ async def test_invalid_grant_deletes_only_the_record_that_failed(stack: Stack) -
     stack.quota.settings.token_fail_count = 1
     chat = asyncio.create_task(stack.chat("alice"))
     await asyncio.sleep(0.1)
-    newer = stack.quota.issue_grant(stack.client.client_id, "alice@example.com")
-    from sidecar.tokens.model import TokenRecord
-
-    written = await stack.store.compare_and_set(
-        stack.user_key("alice"),
-        failing.version,
-        TokenRecord(
-            access_token=newer["access_token"],
-            refresh_token=newer["refresh_token"],
-            expires_at=stack.clock() + newer["expires_in"],
-            scope=newer["scope"],
-            obtained_at=stack.clock(),
-        ),
-    )
-    assert written is not None
+    newer = await stack.replace_grant("alice", failing.version)
     resp = await chat
     assert resp.status == 200  # served with the newer grant
     kept = await stack.store.get(stack.user_key("alice"))

@@ -235,19 +235,7 @@ async def test_invalid_grant_ahead_keeps_a_grant_that_replaced_the_one_that_fail
     stack.quota.settings.token_fail_count = 1
     assert (await stack.chat("alice")).status == 200
     # While Quota refuses (slowly), a new connect replaces the grant.
-    newer = stack.quota.issue_grant(stack.client.client_id, "alice@example.com")
-    written = await stack.store.compare_and_set(
-        stack.user_key("alice"),
-        failing.version,
-        TokenRecord(
-            access_token=newer["access_token"],
-            refresh_token=newer["refresh_token"],
-            expires_at=stack.clock() + newer["expires_in"],
-            scope=newer["scope"],
-            obtained_at=stack.clock(),
-        ),
-    )
-    assert written is not None
+    newer = await stack.replace_grant("alice", failing.version)
     await wait_for_value(
         stack.admin_url, "quota_sidecar_refreshes_total", 1, outcome="invalid_grant"
     )
